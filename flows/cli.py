@@ -1,0 +1,251 @@
+"""`overnight`: the command line. Thin by design: parse, call a stage, print.
+
+Human output is a rich table on stdout and progress bars on stderr; `--json` prints exactly one JSON
+object on stdout. Exit codes: 0 success, 2 bad input or config (one line on stderr), 1 internal
+failure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from typer.core import TyperGroup
+
+from pipeline.config import DEFAULT_CONFIG, OvernightConfig, load_config, starter_config_text
+from storage.errors import UserError
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+class _Group(TyperGroup):
+    """Turns a user's mistake into one line and exit 2, and a bug into exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except UserError as error:
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(2)
+        except Exception as error:
+            if (ctx.obj or {}).get("verbose"):
+                traceback.print_exc()
+            click.echo(
+                f"internal error: {type(error).__name__}: {error} (rerun with -v for details)", err=True
+            )
+            ctx.exit(1)
+
+
+app = typer.Typer(
+    cls=_Group,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    help="[b]overnight[/b]: make a served LLM better every night from its own traffic, safely.\n\n"
+    "Each night, per track (a LoRA adapter line on a shared base model): harvest the day's interactions, "
+    "judge them with an LLM (RLAIF), run a bounded LoRA RL update, refuse candidates that forget, register "
+    "the rest in MLflow and hot-swap them into vLLM.\n\n"
+    "Start with [b]overnight init[/b], then [b]overnight db upgrade[/b]. Exit codes: 0 ok, 2 bad input or "
+    "config, 1 internal error.",
+)
+db_app = typer.Typer(
+    cls=_Group, no_args_is_help=True, help="Create or migrate the interaction store's schema."
+)
+app.add_typer(db_app, name="db")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help=f"Config file (default: ./{DEFAULT_CONFIG} when present, else built-in defaults)."),
+    ] = None,
+    json_output: JsonFlag = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log progress and show tracebacks.")
+    ] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    ctx.obj = {"config": config, "json": json_output, "verbose": verbose}
+
+
+def _config(ctx: typer.Context) -> OvernightConfig:
+    return load_config(ctx.obj["config"])
+
+
+def _wants_json(ctx: typer.Context, local: bool) -> bool:
+    return local or bool(ctx.obj.get("json"))
+
+
+def _print_json(payload: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(payload, ensure_ascii=False, default=str) + "\n")
+
+
+@contextmanager
+def _progress(description: str, total: int | None, *, unit_bytes: bool = False) -> Iterator[Any]:
+    """A progress bar on stderr; yields `advance(n)`."""
+    speed = TransferSpeedColumn() if unit_bytes else TextColumn("")
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        speed,
+        TimeElapsedColumn(),
+    ]
+    if unit_bytes:
+        columns[2] = TextColumn("{task.percentage:>3.0f}%")
+    with Progress(*columns, console=stderr, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+# -- commands ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="Where to write overnight.yaml.")] = Path(),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing overnight.yaml.")] = False,
+) -> None:
+    """Write a commented starter [b]overnight.yaml[/b] with two example tracks."""
+    target = directory / DEFAULT_CONFIG
+    if target.exists() and not force:
+        raise UserError(f"{target} already exists (use --force to overwrite)")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        target.write_text(starter_config_text(), encoding="utf-8")
+    except OSError as error:
+        raise UserError(f"{target}: cannot write: {error.strerror or error}") from None
+    load_config(target)
+    stderr.print(f"wrote {target}; next: [b]overnight db upgrade[/b]")
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context, json_output: JsonFlag = False) -> None:
+    """Create the schema or migrate it to this version (safe to run again)."""
+    import storage
+
+    cfg = _config(ctx)
+    engine = storage.make_engine(cfg.database.url)
+    before, after = storage.upgrade(engine)
+    payload = {"database": storage.safe_url(cfg.database.url), "from": before, "to": after}
+    if _wants_json(ctx, json_output):
+        _print_json(payload)
+    else:
+        state = "already at" if before == after else f"migrated from {before or 'empty'} to"
+        stdout.print(f"{payload['database']}: {state} schema {after}")
+
+
+@app.command()
+def ingest(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="JSONL file, one interaction record per line.")],
+    json_output: JsonFlag = False,
+) -> None:
+    """Import interaction records; bad lines go to quarantine with their line number and reason.
+
+    Idempotent: a record already stored (same [i]id[/i], or same content when it has none) counts as a
+    duplicate. Prints [i]{accepted, duplicates, quarantined, reasons}[/i].
+    """
+    import storage
+
+    cfg = _config(ctx)
+    if not file.is_file():
+        raise UserError(f"{file}: no such file" if not file.exists() else f"{file}: not a regular file")
+    engine = storage.connect(cfg.database.url)
+    with _progress(f"ingest {file.name}", file.stat().st_size, unit_bytes=True) as advance:
+        report = storage.ingest_jsonl(engine, file, batch_size=cfg.database.batch_size, progress=advance)
+    if _wants_json(ctx, json_output):
+        _print_json(report.as_json())
+        return
+    stdout.print(
+        f"{file}: [green]{report.accepted} accepted[/], {report.duplicates} duplicates, "
+        f"[yellow]{report.quarantined} quarantined[/]"
+    )
+    if report.reasons:
+        table = Table("quarantine reason", "rows", title="quarantined (see the quarantine table)")
+        for reason, count in report.reasons.most_common():
+            table.add_row(reason, str(count))
+        stdout.print(table)
+
+
+@app.command()
+def harvest(
+    ctx: typer.Context,
+    track: Annotated[str, typer.Argument(help="Track name from the config.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the redacted records to this JSONL file.")
+    ] = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Preview tonight's snapshot of a track without committing its watermark.
+
+    Prints [i]{track, rows, dropped: {reason: count}, sha256}[/i]; nothing is stored.
+    """
+    import storage
+    from pipeline import harvest as harvest_stage
+
+    cfg = _config(ctx)
+    spec = cfg.track(track)
+    engine = storage.connect(cfg.database.url)
+    with _progress(f"harvest {track}", None) as advance:
+        result = harvest_stage.harvest(
+            engine,
+            track,
+            spec.harvest,
+            spec.filter,
+            batch_size=cfg.database.batch_size,
+            out=out,
+            progress=advance,
+        )
+    if _wants_json(ctx, json_output):
+        _print_json(result.as_json())
+    else:
+        stdout.print(
+            harvest_table([result.as_json()], title=f"harvest preview: {track} (watermark not moved)")
+        )
+        if out is not None:
+            stdout.print(f"wrote {result.rows_kept} redacted records to {out}")
+
+
+def harvest_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table("track", "read", "kept", "dropped", "redacted", "sha256", title=title)
+    for row in rows:
+        dropped = ", ".join(f"{k} {v}" for k, v in row["dropped"].items()) or "-"
+        redacted = ", ".join(f"{k} {v}" for k, v in row["redactions"].items()) or "-"
+        table.add_row(row["track"], str(row["read"]), str(row["rows"]), dropped, redacted, row["sha256"][:12])
+    return table
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""`overnight.yaml`: the one place configuration is defined, validated and documented.
+
+Every key has a default, so an empty file is a working config (SQLite, local MLflow, the local vLLM
+server). Environment variables `OVERNIGHT_<SECTION>__<KEY>` override the file (list items by index:
+`OVERNIGHT_TRACKS__0__NAME`). Unknown keys and wrong types are errors that name the file and key:
+a typo in a nightly job's config must fail loudly at load time, not silently use a default.
+Components never receive this model whole; callers pass them the plain values they need.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from storage.errors import UserError
+
+ENV_PREFIX = "OVERNIGHT_"
+DEFAULT_CONFIG = "overnight.yaml"
+TRACK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+SectionT = TypeVar("SectionT", bound=BaseModel)
+
+
+class ConfigError(UserError):
+    """The config file is missing, unreadable or invalid."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DatabaseConfig(Section):
+    url: str = "sqlite:///.overnight/overnight.db"  # SQLAlchemy URL; PostgreSQL as postgresql+psycopg://
+    batch_size: int = Field(1000, ge=1, le=100_000)  # rows per insert batch and per streamed fetch
+    echo: bool = False  # log every SQL statement (debugging)
+
+
+class ExternalSource(Section):
+    """Harvest from another database: a query with :since/:until binds and a column mapping."""
+
+    url: str  # SQLAlchemy URL of the source database
+    query: str  # SELECT ... WHERE <ts column> > :since AND <ts column> <= :until
+    columns: dict[str, str] = Field(
+        default_factory=dict
+    )  # record field -> source column (default: same name)
+
+    @field_validator("query")
+    @classmethod
+    def _query_binds_window(cls, value: str) -> str:
+        if ":since" not in value or ":until" not in value:
+            raise ValueError("query must use both :since and :until binds")
+        return value
+
+
+class HarvestConfig(Section):
+    max_rows_per_user: int = Field(50, ge=1)  # cap per user per night, so heavy users do not dominate
+    max_chars: int = Field(8000, ge=1)  # drop interactions whose prompt+response text is longer
+    redact_pii: bool = True  # replace emails, phones, cards, IBANs, IPs and secrets by typed placeholders
+    dedup_prompts: bool = (
+        True  # keep the first of prompts equal after normalisation (case, spaces, punctuation)
+    )
+    source: ExternalSource | None = None  # harvest from another database instead of the interaction store
+
+
+class TrackFilter(Section):
+    models: list[str] = Field(default_factory=list)  # only interactions served by these models (empty: any)
+    metadata: dict[str, str | int | bool] = Field(
+        default_factory=dict
+    )  # only interactions whose metadata matches
+
+
+class LoraConfig(Section):
+    rank: int = Field(8, ge=1, le=256)  # LoRA rank r
+    alpha: int = Field(16, ge=1)  # LoRA scaling alpha
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout on the LoRA input
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(40, ge=1)  # optimisation steps at most
+    max_wall_seconds: float = Field(900.0, gt=0)  # wall-clock budget for the whole update
+    kl_budget: float = Field(0.1, gt=0)  # stop early when the rolling KL to the champion exceeds this
+    learning_rate: float = Field(5e-5, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)  # gradient clipping
+    beta: float = Field(0.04, ge=0)  # KL penalty coefficient in the GRPO loss
+    num_generations: int = Field(4, ge=2)  # completions per prompt (the GRPO group)
+    prompts_per_step: int = Field(4, ge=1)  # prompts in one optimisation step
+    max_prompts: int = Field(256, ge=1)  # training prompts selected per night
+    max_completion_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)  # sampling temperature during training rollouts
+    heldout_fraction: float = Field(0.2, gt=0, lt=1)  # share of selected prompts kept for the gate
+    seed: int = 0
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class GateConfig(Section):
+    tolerance: float = Field(0.02, ge=0)  # non-inferiority margin on every suite (score scale 0..1)
+    safety_tolerance: float = Field(0.0, ge=0)  # margin on suites tagged `safety` (zero: no regression)
+    min_gain: float = 0.0  # lower CI bound of held-out judged reward gain must exceed this
+    max_kl_to_base: float = Field(0.5, gt=0)  # KL of the candidate to the base model on the probe set
+    confidence: float = Field(0.95, gt=0.5, lt=1)  # two-sided confidence level of the intervals
+    bootstrap_samples: int = Field(2000, ge=100)  # paired bootstrap resamples
+    seed: int = 0
+
+
+class TrackConfig(Section):
+    name: str  # the stable serving name clients call
+    description: str = ""
+    base_model: str | None = None  # defaults to serving.base_model
+    filter: TrackFilter = Field(default_factory=TrackFilter)
+    rubric: str = "helpfulness"  # judge rubric id (shipped: helpfulness, correctness, safety, concision)
+    suites: list[str] = Field(default_factory=list)  # regression suites: shipped names or JSONL paths
+    harvest: HarvestConfig = Field(default_factory=HarvestConfig)
+    train: dict[str, Any] = Field(default_factory=dict)  # overrides of the top-level `train` section
+    gate: dict[str, Any] = Field(default_factory=dict)  # overrides of the top-level `gate` section
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_servable(cls, value: str) -> str:
+        if not TRACK_NAME.match(value):
+            raise ValueError(
+                "must be 1-63 characters of a-z, 0-9, '-' or '_', starting with a letter or digit"
+            )
+        return value
+
+
+class JudgeConfig(Section):
+    base_url: str | None = None  # OpenAI-compatible endpoint; None: the first serving endpoint
+    model: str | None = None  # judge model name; None: the served base model
+    api_key: SecretStr | None = None  # sent as a Bearer token; never logged
+    concurrency: int = Field(8, ge=1, le=256)  # requests in flight at once
+    timeout_seconds: float = Field(60.0, gt=0)
+    max_retries: int = Field(4, ge=0)  # retries with exponential backoff and jitter
+    budget_items: int = Field(5000, ge=1)  # judged items per night at most (cache hits are free)
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(256, ge=1)  # tokens the judge may write
+    swap_orders: bool = False  # group mode: score two candidate orders and average (cancels position bias)
+
+
+class MlflowConfig(Section):
+    tracking_uri: str = (
+        "sqlite:///.overnight/mlflow.db"  # local store by default; an http:// server in production
+    )
+    registry_uri: str | None = None  # defaults to the tracking URI
+    artifact_location: str = ".overnight/mlartifacts"  # where local runs store artifacts
+    experiment_prefix: str = "overnight-"  # experiment per track: <prefix><track>
+    model_prefix: str = "overnight-"  # registered model per track: <prefix><track>
+
+
+class ServingConfig(Section):
+    base_model: str = ".overnight/tiny-model"  # HF model id or local path served by vLLM
+    endpoints: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"])  # every vLLM server
+    host: str = "127.0.0.1"  # where `overnight serve` binds
+    port: int = Field(8000, ge=1, le=65535)
+    max_loras: int = Field(4, ge=1)  # adapters resident at once
+    max_lora_rank: int = Field(8, ge=1)
+    max_model_len: int = Field(512, ge=16)
+    dtype: str = "auto"  # float32 on CPU
+    extra_args: list[str] = Field(default_factory=list)  # passed to vLLM as they are
+    startup_timeout_seconds: float = Field(300.0, gt=0)
+    request_timeout_seconds: float = Field(60.0, gt=0)
+    api_key: SecretStr | None = None  # if the vLLM servers require one
+
+
+class ScheduleConfig(Section):
+    cron: str = "0 2 * * *"  # when the nightly flow runs
+    timezone: str = "UTC"
+    deployment_name: str = "overnight-nightly"
+    work_pool: str | None = None  # Prefect work pool; None: served by `overnight schedule` itself
+
+
+class OvernightConfig(Section):
+    home: str = ".overnight"  # where overnight keeps files: snapshots, adapters, reports
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    tracks: list[TrackConfig] = Field(default_factory=list)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @model_validator(mode="after")
+    def _tracks_are_unique_and_overrides_valid(self) -> OvernightConfig:
+        names = [track.name for track in self.tracks]
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        if duplicated:
+            raise ValueError(f"tracks: names must be unique, repeated: {', '.join(duplicated)}")
+        for index, track in enumerate(self.tracks):
+            for section, defaults in (("train", self.train), ("gate", self.gate)):
+                try:
+                    _merged(defaults, getattr(track, section))
+                except ValidationError as error:
+                    raise ValueError(f"tracks.{index}.{section}.{_describe(error)}") from None
+        return self
+
+    def track(self, name: str) -> TrackConfig:
+        for track in self.tracks:
+            if track.name == name:
+                return track
+        known = ", ".join(t.name for t in self.tracks) or "none configured"
+        raise ConfigError(f"unknown track {name!r} (tracks: {known})")
+
+    def train_for(self, name: str) -> TrainConfig:
+        """The top-level `train` section with the track's overrides applied."""
+        return _merged(self.train, self.track(name).train)
+
+    def gate_for(self, name: str) -> GateConfig:
+        return _merged(self.gate, self.track(name).gate)
+
+    def base_model_for(self, name: str) -> str:
+        return self.track(name).base_model or self.serving.base_model
+
+    def snapshot_dir(self) -> Path:
+        return Path(self.home) / "snapshots"
+
+
+def _merged(defaults: SectionT, overrides: Mapping[str, Any]) -> SectionT:
+    return type(defaults).model_validate(_deep_merge(defaults.model_dump(), overrides))
+
+
+def _deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def starter_config_text() -> str:
+    """The commented starter that `overnight init` writes."""
+    return (Path(__file__).parent / "assets" / "overnight.yaml").read_text(encoding="utf-8")
+
+
+def load_config(
+    path: str | Path | None = None, *, environ: Mapping[str, str] | None = None
+) -> OvernightConfig:
+    """Read, override from the environment and validate; raises `ConfigError` with one line.
+
+    `path=None` means `./overnight.yaml` when it exists and the defaults otherwise; a path given
+    explicitly must exist.
+    """
+    environ = os.environ if environ is None else environ
+    explicit = path is not None
+    file = Path(path if path is not None else DEFAULT_CONFIG)
+    data = _read_yaml(file) if explicit or file.exists() else {}
+    data, overridden = apply_env_overrides(data, environ)
+    try:
+        return OvernightConfig.model_validate(data)
+    except ValidationError as error:
+        loc = ".".join(str(part) for part in error.errors()[0]["loc"])
+        origin = next((f" (from {name})" for path, name in overridden.items() if path == loc), "")
+        raise ConfigError(f"{file}: {_describe(error)}{origin}") from None
+
+
+def _read_yaml(file: Path) -> dict[str, Any]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: config file not found (create one with `overnight init`)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{file}: cannot read: {error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{file}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_env_overrides(
+    data: dict[str, Any], environ: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Apply `OVERNIGHT_<SECTION>__<KEY>=value` (values parsed as YAML) onto the file's data.
+
+    Returns the merged data and which dotted key each variable set.
+    """
+    merged = _deep_merge({}, data)
+    overridden: dict[str, str] = {}
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        if any(not part for part in path):
+            raise ConfigError(f"{name}: malformed override name (use OVERNIGHT_<SECTION>__<KEY>)")
+        _set_path(merged, path, _parse_env_value(environ[name]), name)
+        overridden[".".join(path)] = name
+    return merged, overridden
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any, name: str) -> None:
+    node: Any = data
+    for depth, part in enumerate(path):
+        last = depth == len(path) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{name}: no list item {part!r} at {'.'.join(path[:depth]) or 'top level'}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+            continue
+        if last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "missing":
+        message = "required key is missing"
+    elif "input" in first and first["type"].endswith(("_type", "_parsing")):
+        message = f"{message} (got {first['input']!r})"
+    more = len(error.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{where}: {message}{suffix}" if where else f"{message}{suffix}"

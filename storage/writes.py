@@ -1,0 +1,285 @@
+"""The write path: interactions, feedback and quarantine, in batches, idempotently.
+
+An interaction is identified by its client id or, without one, by the hash of its content, and
+stored with INSERT ... ON CONFLICT DO NOTHING: re-sending a record, re-running an import or a
+crash-and-retry never stores it twice. Rows that fail validation go to quarantine with where they
+came from and why; nothing a user sends is silently lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import Connection, Engine, Insert, Table, select
+
+from storage.errors import InvalidRecord, UserError
+from storage.models import FeedbackEvent, Interaction, QuarantinedRow, utc_now
+from storage.records import (
+    Feedback,
+    InteractionRecord,
+    describe_validation_error,
+    parse_record,
+    parse_record_line,
+)
+
+DEFAULT_BATCH_SIZE = 1000
+Progress = Callable[[int], None]
+
+
+@dataclass
+class IngestReport:
+    """What an import did; `reasons` counts quarantined rows by reason."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "quarantined": self.quarantined,
+            "reasons": dict(self.reasons.most_common()),
+        }
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row that failed validation, kept whole for the quarantine table."""
+
+    source: str
+    line_no: int | None
+    reason: str
+    raw: str
+    track: str | None = None
+
+
+def insert_ignoring_conflicts(connection: Connection, table: Table, key: str) -> Insert:
+    """INSERT ... ON CONFLICT (key) DO NOTHING for the connection's dialect."""
+    if connection.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif connection.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise UserError(f"database.url: dialect {connection.dialect.name!r} is not supported")
+    return insert(table).on_conflict_do_nothing(index_elements=[key])
+
+
+def log_interaction(engine: Engine, record: InteractionRecord | Mapping[str, Any]) -> bool:
+    """Store one interaction; True when new, False when already stored. Raises `InvalidRecord`."""
+    parsed = parse_record(record)
+    with engine.begin() as connection:
+        return _insert_records(connection, [parsed]) == 1
+
+
+def log_interactions(
+    engine: Engine,
+    records: Iterable[InteractionRecord | Mapping[str, Any]],
+    *,
+    source: str = "api",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> IngestReport:
+    """Store many interactions in batches; invalid ones are quarantined, never raised."""
+    return _ingest(engine, _validate_objects(records, source), batch_size)
+
+
+def ingest_jsonl(
+    engine: Engine,
+    path: str | Path,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress | None = None,
+) -> IngestReport:
+    """Import a JSONL file of interaction records; `progress` is told how many bytes were read."""
+    path = Path(path)
+    try:
+        handle = path.open("rb")
+    except OSError as error:
+        raise UserError(f"{path}: cannot read: {error.strerror or error}") from None
+    with handle:
+        lines = _numbered_lines(handle, progress)
+        return _ingest(engine, _validate_lines(lines, f"ingest:{path.name}"), batch_size)
+
+
+def quarantine(connection: Connection, rows: Sequence[BadRow]) -> int:
+    """Keep bad rows with their reason; the same row from the same place is kept once."""
+    if not rows:
+        return 0
+    statement = insert_ignoring_conflicts(connection, QuarantinedRow.__table__, "row_key")  # type: ignore[arg-type]
+    now = utc_now()
+    connection.execute(statement, [_quarantine_params(row, now) for row in rows])
+    return len(rows)
+
+
+def log_feedback(
+    engine: Engine,
+    interaction_id: str,
+    *,
+    thumb: int | None = None,
+    rating: int | None = None,
+    comment: str | None = None,
+) -> None:
+    """Attach later feedback to an interaction logged with client id `interaction_id`."""
+    try:
+        feedback = Feedback.model_validate(
+            {k: v for k, v in {"thumb": thumb, "rating": rating, "comment": comment}.items() if v is not None}
+        )
+    except ValidationError as error:
+        raise InvalidRecord(f"feedback.{describe_validation_error(error)}") from None
+    with engine.begin() as connection:
+        row_id = connection.scalar(
+            select(Interaction.id).where(Interaction.dedup_key == f"id:{interaction_id}")
+        )
+        if row_id is None:
+            raise UserError(f"no interaction with id {interaction_id!r}")
+        connection.execute(FeedbackEvent.__table__.insert(), [_feedback_params(row_id, feedback, "api")])
+
+
+# -- internals ---------------------------------------------------------------------------------------
+
+Validated = InteractionRecord | BadRow
+
+
+def _ingest(engine: Engine, rows: Iterator[Validated], batch_size: int) -> IngestReport:
+    report = IngestReport()
+    good: list[InteractionRecord] = []
+    bad: list[BadRow] = []
+    for row in rows:
+        (bad if isinstance(row, BadRow) else good).append(row)  # type: ignore[arg-type]
+        if len(good) + len(bad) >= batch_size:
+            _flush(engine, good, bad, report)
+    _flush(engine, good, bad, report)
+    return report
+
+
+def _flush(engine: Engine, good: list[InteractionRecord], bad: list[BadRow], report: IngestReport) -> None:
+    if not good and not bad:
+        return
+    with engine.begin() as connection:
+        inserted = _insert_records(connection, good)
+        quarantine(connection, bad)
+    report.accepted += inserted
+    report.duplicates += len(good) - inserted
+    report.quarantined += len(bad)
+    report.reasons.update(_reason_kind(row.reason) for row in bad)
+    good.clear()
+    bad.clear()
+
+
+def _reason_kind(reason: str) -> str:
+    """The reason as counted in reports: the full one-line reason, cut at 80 characters."""
+    return reason if len(reason) <= 80 else reason[:77] + "..."
+
+
+def _insert_records(connection: Connection, records: Sequence[InteractionRecord]) -> int:
+    """Insert, skipping ones already stored (also within the batch); returns how many were new."""
+    unique: dict[str, InteractionRecord] = {}
+    for record in records:  # in order, the first of a key wins: log positions follow the input
+        unique.setdefault(record.dedup_key(), record)
+    if not unique:
+        return 0
+    statement = insert_ignoring_conflicts(connection, Interaction.__table__, "dedup_key")  # type: ignore[arg-type]
+    statement = statement.returning(Interaction.__table__.c.id, Interaction.__table__.c.dedup_key)
+    now = utc_now()
+    params = [_interaction_params(key, record, now) for key, record in unique.items()]
+    inserted = connection.execute(statement, params).all()
+    feedback = [
+        _feedback_params(row_id, unique[key].feedback, "record")
+        for row_id, key in inserted
+        if unique[key].feedback is not None and not unique[key].feedback.is_empty()  # type: ignore[union-attr]
+    ]
+    if feedback:
+        connection.execute(FeedbackEvent.__table__.insert(), feedback)
+    return len(inserted)
+
+
+def _interaction_params(key: str, record: InteractionRecord, now: Any) -> dict[str, Any]:
+    return {
+        "dedup_key": key,
+        "client_id": record.id,
+        "ts": record.ts,
+        "ingested_at": now,
+        "track": record.track,
+        "user_id": record.user_id,
+        "session_id": record.session_id,
+        "messages": [{"role": m.role, "content": m.content} for m in record.messages],
+        "response": record.response,
+        "model": record.model,
+        "metadata": record.metadata,
+        "consent": record.consent,
+        "content_sha256": record.content_sha256(),
+    }
+
+
+def _feedback_params(interaction_id: int, feedback: Any, source: str) -> dict[str, Any]:
+    return {
+        "interaction_id": interaction_id,
+        "ts": utc_now(),
+        "thumb": feedback.thumb,
+        "rating": feedback.rating,
+        "comment": feedback.comment,
+        "source": source,
+    }
+
+
+def _quarantine_params(row: BadRow, now: Any) -> dict[str, Any]:
+    key = hashlib.sha256(f"{row.source}\n{row.line_no}\n{row.raw}".encode()).hexdigest()
+    return {
+        "row_key": key,
+        "source": row.source,
+        "line_no": row.line_no,
+        "track": row.track,
+        "reason": row.reason,
+        "raw": row.raw,
+        "created_at": now,
+    }
+
+
+def _numbered_lines(handle: Any, progress: Progress | None) -> Iterator[tuple[int, bytes]]:
+    for line_no, raw in enumerate(handle, start=1):
+        if progress is not None:
+            progress(len(raw))
+        if raw.strip():
+            yield line_no, raw
+
+
+def _validate_lines(lines: Iterable[tuple[int, bytes]], source: str) -> Iterator[Validated]:
+    for line_no, raw in lines:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield BadRow(source, line_no, "invalid UTF-8", raw.decode("utf-8", errors="replace"))
+            continue
+        try:
+            yield parse_record_line(text)
+        except InvalidRecord as error:
+            yield BadRow(source, line_no, str(error), text.rstrip("\r\n"), _track_hint(text))
+
+
+def _validate_objects(records: Iterable[Any], source: str) -> Iterator[Validated]:
+    for index, data in enumerate(records, start=1):
+        try:
+            yield parse_record(data)
+        except InvalidRecord as error:
+            raw = (
+                json.dumps(data, default=str, ensure_ascii=False) if isinstance(data, Mapping) else repr(data)
+            )
+            track = data.get("track") if isinstance(data, Mapping) else None
+            yield BadRow(source, index, str(error), raw, track if isinstance(track, str) else None)
+
+
+def _track_hint(text: str) -> str | None:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    track = data.get("track") if isinstance(data, dict) else None
+    return track if isinstance(track, str) else None

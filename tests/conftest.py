@@ -1,0 +1,116 @@
+"""Shared fixtures: a migrated store on SQLite and on PostgreSQL, and small record factories.
+
+PostgreSQL tests run against OVERNIGHT_TEST_POSTGRES_URL (default: the local server with trust auth)
+in a database created for the session. They skip with the reason when no server answers, except
+under OVERNIGHT_REQUIRE_POSTGRES=1 (CI), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+import storage
+from storage.models import Base
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "OVERNIGHT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)]
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as error:
+        reason = f"PostgreSQL not reachable at {storage.safe_url(POSTGRES_ADMIN_URL)}: {str(error).splitlines()[0]}"
+        if os.environ.get("OVERNIGHT_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"{reason} (OVERNIGHT_REQUIRE_POSTGRES=1)")
+        pytest.skip(reason)
+    name = f"overnight_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    yield url
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def empty_postgres_url(postgres_url: str) -> Iterator[str]:
+    """A second, schema-less PostgreSQL database, dropped after the test."""
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"overnight_empty_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    yield admin.url.set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def _migrated_postgres(postgres_url: str) -> Iterator[Engine]:
+    engine = storage.make_engine(postgres_url)
+    storage.upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """A migrated, empty store: a new SQLite file, or the session's PostgreSQL database truncated."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'overnight.db'}"
+        engine = storage.make_engine(url)
+        storage.upgrade(engine)
+        engine.dispose()
+        return url
+    engine: Engine = request.getfixturevalue("_migrated_postgres")
+    tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
+    with engine.begin() as connection:
+        connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    return str(engine.url.render_as_string(hide_password=False))
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = storage.connect(database_url)
+    yield engine
+    engine.dispose()
+
+
+T0 = datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
+
+
+def make_record(n: int = 0, **overrides: Any) -> dict[str, Any]:
+    """A valid interaction record; `n` varies its content so records differ."""
+    record: dict[str, Any] = {
+        "id": f"req-{n}",
+        "ts": (T0 + timedelta(minutes=n)).isoformat(),
+        "track": "support",
+        "user_id": f"user-{n % 7}",
+        "session_id": f"s-{n}",
+        "messages": [
+            {"role": "system", "content": "You are a helpful support agent."},
+            {"role": "user", "content": f"Question number {n}: how do I reset my password?"},
+        ],
+        "response": f"Answer {n}: open Settings, then Security, then Reset password.",
+        "model": "support",
+        "feedback": {"thumb": 1, "rating": 5},
+        "metadata": {"client": "web"},
+        "consent": True,
+    }
+    record.update(overrides)
+    return record
