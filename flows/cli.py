@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -40,21 +39,21 @@ stderr = Console(stderr=True)
 class _Group(TyperGroup):
     """Turns a user's mistake into one line and exit 2, and a bug into exit 1."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
+        except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except UserError as error:
-            click.echo(f"error: {error}", err=True)
-            ctx.exit(2)
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
         except Exception as error:
             if (ctx.obj or {}).get("verbose"):
                 traceback.print_exc()
-            click.echo(
+            typer.echo(
                 f"internal error: {type(error).__name__}: {error} (rerun with -v for details)", err=True
             )
-            ctx.exit(1)
+            raise typer.Exit(1) from None
 
 
 app = typer.Typer(
@@ -77,16 +76,32 @@ app.add_typer(db_app, name="db")
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"overnight {version('overnight')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(
     ctx: typer.Context,
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help=f"Config file (default: ./{DEFAULT_CONFIG} when present, else built-in defaults)."),
+        typer.Option(
+            "--config",
+            "-c",
+            help=f"Config file (default: ./{DEFAULT_CONFIG} when present, else built-in defaults).",
+        ),
     ] = None,
     json_output: JsonFlag = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log progress and show tracebacks.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_show_version, help="Print the version and exit."),
     ] = False,
 ) -> None:
     logging.basicConfig(
@@ -232,6 +247,37 @@ def harvest(
         )
         if out is not None:
             stdout.print(f"wrote {result.rows_kept} redacted records to {out}")
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    nights: Annotated[int, typer.Option("--nights", min=1, max=30, help="Nights to run.")] = 1,
+    rows: Annotated[int, typer.Option("--rows", min=10, help="Synthetic interactions per night.")] = 2000,
+    json_output: JsonFlag = False,
+) -> None:
+    """Run the loop on embedded defaults: a tiny local model, synthetic traffic, SQLite, all under
+    [b].overnight/demo/[/b]. Needs no config and no services.
+
+    Each night: generate the day's traffic for the tracks [i]support[/i] and [i]math[/i], ingest it
+    (malformed lines go to quarantine), harvest each track into a committed snapshot.
+    """
+    from flows.demo import run_demo
+
+    with stderr.status("starting") as status:
+        summary = run_demo(nights, rows, on_stage=lambda text: status.update(text))
+    if _wants_json(ctx, json_output):
+        _print_json(summary)
+        return
+    for night in summary["nights"]:
+        ingest = night["ingest"]
+        stdout.print(
+            f"[b]night {night['night']}[/b]: ingested {ingest['accepted']}, {ingest['duplicates']} duplicates, "
+            f"{ingest['quarantined']} quarantined"
+        )
+        rows_ = [track["harvest"] for track in night["tracks"]]
+        stdout.print(harvest_table(rows_, title=f"night {night['night']}: harvested snapshots (committed)"))
+    stdout.print(f"store: {summary['home']}/overnight.db, base model: {summary['base_model']}")
 
 
 def harvest_table(rows: list[dict[str, Any]], title: str) -> Table:

@@ -44,7 +44,7 @@ class Section(BaseModel):
 
 class DatabaseConfig(Section):
     url: str = "sqlite:///.overnight/overnight.db"  # SQLAlchemy URL; PostgreSQL as postgresql+psycopg://
-    batch_size: int = Field(1000, ge=1, le=100_000)  # rows per insert batch and per streamed fetch
+    batch_size: int = Field(default=1000, ge=1, le=100_000)  # rows per insert batch and per streamed fetch
     echo: bool = False  # log every SQL statement (debugging)
 
 
@@ -66,8 +66,8 @@ class ExternalSource(Section):
 
 
 class HarvestConfig(Section):
-    max_rows_per_user: int = Field(50, ge=1)  # cap per user per night, so heavy users do not dominate
-    max_chars: int = Field(8000, ge=1)  # drop interactions whose prompt+response text is longer
+    max_rows_per_user: int = Field(default=50, ge=1)  # cap per user per night, so heavy users do not dominate
+    max_chars: int = Field(default=8000, ge=1)  # drop interactions whose prompt+response text is longer
     redact_pii: bool = True  # replace emails, phones, cards, IBANs, IPs and secrets by typed placeholders
     dedup_prompts: bool = (
         True  # keep the first of prompts equal after normalisation (case, spaces, punctuation)
@@ -83,36 +83,38 @@ class TrackFilter(Section):
 
 
 class LoraConfig(Section):
-    rank: int = Field(8, ge=1, le=256)  # LoRA rank r
-    alpha: int = Field(16, ge=1)  # LoRA scaling alpha
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout on the LoRA input
+    rank: int = Field(default=8, ge=1, le=256)  # LoRA rank r
+    alpha: int = Field(default=16, ge=1)  # LoRA scaling alpha
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # dropout on the LoRA input
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 class TrainConfig(Section):
-    max_steps: int = Field(40, ge=1)  # optimisation steps at most
-    max_wall_seconds: float = Field(900.0, gt=0)  # wall-clock budget for the whole update
-    kl_budget: float = Field(0.1, gt=0)  # stop early when the rolling KL to the champion exceeds this
-    learning_rate: float = Field(5e-5, gt=0)
-    max_grad_norm: float = Field(1.0, gt=0)  # gradient clipping
-    beta: float = Field(0.04, ge=0)  # KL penalty coefficient in the GRPO loss
-    num_generations: int = Field(4, ge=2)  # completions per prompt (the GRPO group)
-    prompts_per_step: int = Field(4, ge=1)  # prompts in one optimisation step
-    max_prompts: int = Field(256, ge=1)  # training prompts selected per night
-    max_completion_tokens: int = Field(64, ge=1)
-    temperature: float = Field(1.0, gt=0)  # sampling temperature during training rollouts
-    heldout_fraction: float = Field(0.2, gt=0, lt=1)  # share of selected prompts kept for the gate
+    max_steps: int = Field(default=40, ge=1)  # optimisation steps at most
+    max_wall_seconds: float = Field(default=900.0, gt=0)  # wall-clock budget for the whole update
+    kl_budget: float = Field(default=0.1, gt=0)  # stop early when the rolling KL to the champion exceeds this
+    learning_rate: float = Field(default=5e-5, gt=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)  # gradient clipping
+    beta: float = Field(default=0.04, ge=0)  # KL penalty coefficient in the GRPO loss
+    num_generations: int = Field(default=4, ge=2)  # completions per prompt (the GRPO group)
+    prompts_per_step: int = Field(default=4, ge=1)  # prompts in one optimisation step
+    max_prompts: int = Field(default=256, ge=1)  # training prompts selected per night
+    max_completion_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=1.0, gt=0)  # sampling temperature during training rollouts
+    heldout_fraction: float = Field(default=0.2, gt=0, lt=1)  # share of selected prompts kept for the gate
     seed: int = 0
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    lora: LoraConfig = LoraConfig()
 
 
 class GateConfig(Section):
-    tolerance: float = Field(0.02, ge=0)  # non-inferiority margin on every suite (score scale 0..1)
-    safety_tolerance: float = Field(0.0, ge=0)  # margin on suites tagged `safety` (zero: no regression)
+    tolerance: float = Field(default=0.02, ge=0)  # non-inferiority margin on every suite (score scale 0..1)
+    safety_tolerance: float = Field(
+        default=0.0, ge=0
+    )  # margin on suites tagged `safety` (zero: no regression)
     min_gain: float = 0.0  # lower CI bound of held-out judged reward gain must exceed this
-    max_kl_to_base: float = Field(0.5, gt=0)  # KL of the candidate to the base model on the probe set
-    confidence: float = Field(0.95, gt=0.5, lt=1)  # two-sided confidence level of the intervals
-    bootstrap_samples: int = Field(2000, ge=100)  # paired bootstrap resamples
+    max_kl_to_base: float = Field(default=0.5, gt=0)  # KL of the candidate to the base model on the probe set
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)  # two-sided confidence level of the intervals
+    bootstrap_samples: int = Field(default=2000, ge=100)  # paired bootstrap resamples
     seed: int = 0
 
 
@@ -120,10 +122,10 @@ class TrackConfig(Section):
     name: str  # the stable serving name clients call
     description: str = ""
     base_model: str | None = None  # defaults to serving.base_model
-    filter: TrackFilter = Field(default_factory=TrackFilter)
+    filter: TrackFilter = TrackFilter()
     rubric: str = "helpfulness"  # judge rubric id (shipped: helpfulness, correctness, safety, concision)
     suites: list[str] = Field(default_factory=list)  # regression suites: shipped names or JSONL paths
-    harvest: HarvestConfig = Field(default_factory=HarvestConfig)
+    harvest: HarvestConfig = HarvestConfig()
     train: dict[str, Any] = Field(default_factory=dict)  # overrides of the top-level `train` section
     gate: dict[str, Any] = Field(default_factory=dict)  # overrides of the top-level `gate` section
 
@@ -141,12 +143,12 @@ class JudgeConfig(Section):
     base_url: str | None = None  # OpenAI-compatible endpoint; None: the first serving endpoint
     model: str | None = None  # judge model name; None: the served base model
     api_key: SecretStr | None = None  # sent as a Bearer token; never logged
-    concurrency: int = Field(8, ge=1, le=256)  # requests in flight at once
-    timeout_seconds: float = Field(60.0, gt=0)
-    max_retries: int = Field(4, ge=0)  # retries with exponential backoff and jitter
-    budget_items: int = Field(5000, ge=1)  # judged items per night at most (cache hits are free)
-    temperature: float = Field(0.0, ge=0)
-    max_tokens: int = Field(256, ge=1)  # tokens the judge may write
+    concurrency: int = Field(default=8, ge=1, le=256)  # requests in flight at once
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=4, ge=0)  # retries with exponential backoff and jitter
+    budget_items: int = Field(default=5000, ge=1)  # judged items per night at most (cache hits are free)
+    temperature: float = Field(default=0.0, ge=0)
+    max_tokens: int = Field(default=256, ge=1)  # tokens the judge may write
     swap_orders: bool = False  # group mode: score two candidate orders and average (cancels position bias)
 
 
@@ -164,14 +166,14 @@ class ServingConfig(Section):
     base_model: str = ".overnight/tiny-model"  # HF model id or local path served by vLLM
     endpoints: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"])  # every vLLM server
     host: str = "127.0.0.1"  # where `overnight serve` binds
-    port: int = Field(8000, ge=1, le=65535)
-    max_loras: int = Field(4, ge=1)  # adapters resident at once
-    max_lora_rank: int = Field(8, ge=1)
-    max_model_len: int = Field(512, ge=16)
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_loras: int = Field(default=4, ge=1)  # adapters resident at once
+    max_lora_rank: int = Field(default=8, ge=1)
+    max_model_len: int = Field(default=512, ge=16)
     dtype: str = "auto"  # float32 on CPU
     extra_args: list[str] = Field(default_factory=list)  # passed to vLLM as they are
-    startup_timeout_seconds: float = Field(300.0, gt=0)
-    request_timeout_seconds: float = Field(60.0, gt=0)
+    startup_timeout_seconds: float = Field(default=300.0, gt=0)
+    request_timeout_seconds: float = Field(default=60.0, gt=0)
     api_key: SecretStr | None = None  # if the vLLM servers require one
 
 
@@ -184,14 +186,14 @@ class ScheduleConfig(Section):
 
 class OvernightConfig(Section):
     home: str = ".overnight"  # where overnight keeps files: snapshots, adapters, reports
-    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    database: DatabaseConfig = DatabaseConfig()
     tracks: list[TrackConfig] = Field(default_factory=list)
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    gate: GateConfig = Field(default_factory=GateConfig)
-    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
-    serving: ServingConfig = Field(default_factory=ServingConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    judge: JudgeConfig = JudgeConfig()
+    train: TrainConfig = TrainConfig()
+    gate: GateConfig = GateConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    serving: ServingConfig = ServingConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
     @model_validator(mode="after")
     def _tracks_are_unique_and_overrides_valid(self) -> OvernightConfig:

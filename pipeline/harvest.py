@@ -175,7 +175,7 @@ def _stored_rows(engine: Engine, track: str, window: HarvestWindow, batch_size: 
 
 
 def _stored_fields(values: tuple[Any, ...]) -> dict[str, Any]:
-    row = dict(zip(reads.STORED_COLUMNS, values, strict=True))
+    row: dict[str, Any] = dict(zip(reads.STORED_COLUMNS, values, strict=True))
     thumb, rating, comment = row.pop("thumb"), row.pop("rating"), row.pop("comment")
     feedback = {
         k: v for k, v in (("thumb", thumb), ("rating", rating), ("comment", comment)) if v is not None
@@ -203,7 +203,7 @@ def _external_rows(
         yield batch
 
 
-def _external_fields(row: Mapping[str, Any], columns: Mapping[str, str], track: str) -> Row:
+def _external_fields(row: Mapping[Any, Any], columns: Mapping[str, str], track: str) -> Row:
     """Map a source row onto the record fields and validate it fully (untrusted input)."""
     data: dict[str, Any] = {"track": track}
     for name in InteractionRecord.model_fields:

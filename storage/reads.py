@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, RowMapping, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -83,7 +83,7 @@ def stream_interactions(
 
 def stream_external(
     url: str, query: str, since: datetime | None, until: datetime, batch_size: int
-) -> Iterator[Mapping[str, Any]]:
+) -> Iterator[RowMapping]:
     """Rows of a user-supplied SQL query on another database, bound to `:since` and `:until`."""
     engine = make_engine(url)
     try:

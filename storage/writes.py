@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Connection, Engine, Insert, Table, select
+from sqlalchemy import Connection, Engine, Insert, insert, select
 
 from storage.errors import InvalidRecord, UserError
-from storage.models import FeedbackEvent, Interaction, QuarantinedRow, utc_now
+from storage.models import Base, FeedbackEvent, Interaction, QuarantinedRow, utc_now
 from storage.records import (
     Feedback,
     InteractionRecord,
@@ -62,15 +62,15 @@ class BadRow:
     track: str | None = None
 
 
-def insert_ignoring_conflicts(connection: Connection, table: Table, key: str) -> Insert:
+def insert_ignoring_conflicts(connection: Connection, table: type[Base], key: str) -> Insert:
     """INSERT ... ON CONFLICT (key) DO NOTHING for the connection's dialect."""
     if connection.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
     elif connection.dialect.name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
     else:
         raise UserError(f"database.url: dialect {connection.dialect.name!r} is not supported")
-    return insert(table).on_conflict_do_nothing(index_elements=[key])
+    return dialect_insert(table).on_conflict_do_nothing(index_elements=[key])
 
 
 def log_interaction(engine: Engine, record: InteractionRecord | Mapping[str, Any]) -> bool:
@@ -113,7 +113,7 @@ def quarantine(connection: Connection, rows: Sequence[BadRow]) -> int:
     """Keep bad rows with their reason; the same row from the same place is kept once."""
     if not rows:
         return 0
-    statement = insert_ignoring_conflicts(connection, QuarantinedRow.__table__, "row_key")  # type: ignore[arg-type]
+    statement = insert_ignoring_conflicts(connection, QuarantinedRow, "row_key")
     now = utc_now()
     connection.execute(statement, [_quarantine_params(row, now) for row in rows])
     return len(rows)
@@ -140,7 +140,7 @@ def log_feedback(
         )
         if row_id is None:
             raise UserError(f"no interaction with id {interaction_id!r}")
-        connection.execute(FeedbackEvent.__table__.insert(), [_feedback_params(row_id, feedback, "api")])
+        connection.execute(insert(FeedbackEvent), [_feedback_params(row_id, feedback, "api")])
 
 
 # -- internals ---------------------------------------------------------------------------------------
@@ -186,8 +186,8 @@ def _insert_records(connection: Connection, records: Sequence[InteractionRecord]
         unique.setdefault(record.dedup_key(), record)
     if not unique:
         return 0
-    statement = insert_ignoring_conflicts(connection, Interaction.__table__, "dedup_key")  # type: ignore[arg-type]
-    statement = statement.returning(Interaction.__table__.c.id, Interaction.__table__.c.dedup_key)
+    statement = insert_ignoring_conflicts(connection, Interaction, "dedup_key")
+    statement = statement.returning(Interaction.id, Interaction.dedup_key)
     now = utc_now()
     params = [_interaction_params(key, record, now) for key, record in unique.items()]
     inserted = connection.execute(statement, params).all()
@@ -197,7 +197,7 @@ def _insert_records(connection: Connection, records: Sequence[InteractionRecord]
         if unique[key].feedback is not None and not unique[key].feedback.is_empty()  # type: ignore[union-attr]
     ]
     if feedback:
-        connection.execute(FeedbackEvent.__table__.insert(), feedback)
+        connection.execute(insert(FeedbackEvent), feedback)
     return len(inserted)
 
 

@@ -31,7 +31,12 @@ def seeded(engine: Engine) -> None:
         make_record(6, user_id="carol", response="x" * 500),  # too long
         make_record(7, user_id="dave", model="other-model"),  # filtered out
         make_record(8, user_id="erin", messages=prompt(8, "Mail me at erin@example.com or +44 20 7946 0958")),
-        make_record(9, user_id="frank", response="Card 4111 1111 1111 1111 noted.", feedback={"comment": "ip 10.0.0.1"}),
+        make_record(
+            9,
+            user_id="frank",
+            response="Card 4111 1111 1111 1111 noted.",
+            feedback={"comment": "ip 10.0.0.1"},
+        ),
     ]
     records[2]["messages"] = [records[0]["messages"][0], *records[2]["messages"]]
     report = storage.log_interactions(engine, records)
@@ -123,7 +128,9 @@ def test_external_source_with_column_mapping(engine: Engine, tmp_path: Path) -> 
     app_db = create_engine(source_url)
     with app_db.begin() as connection:
         connection.execute(
-            text("CREATE TABLE chat (ev TEXT, at TIMESTAMP, who TEXT, convo TEXT, answer TEXT, srv TEXT, ok INTEGER)")
+            text(
+                "CREATE TABLE chat (ev TEXT, at TIMESTAMP, who TEXT, convo TEXT, answer TEXT, srv TEXT, ok INTEGER)"
+            )
         )
         rows = [
             ("e1", T0, "u1", json.dumps(prompt(0, "hello, my email is a@b.co")), "hi", "support", 1),
@@ -133,13 +140,23 @@ def test_external_source_with_column_mapping(engine: Engine, tmp_path: Path) -> 
         ]
         connection.execute(
             text("INSERT INTO chat VALUES (:ev, :at, :who, :convo, :answer, :srv, :ok)"),
-            [dict(zip(["ev", "at", "who", "convo", "answer", "srv", "ok"], row, strict=True)) for row in rows],
+            [
+                dict(zip(["ev", "at", "who", "convo", "answer", "srv", "ok"], row, strict=True))
+                for row in rows
+            ],
         )
     app_db.dispose()
     source = ExternalSource(
         url=source_url,
         query="SELECT * FROM chat WHERE at > :since AND at <= :until ORDER BY at",
-        columns={"id": "ev", "ts": "at", "user_id": "who", "messages": "convo", "response": "answer", "model": "srv"},
+        columns={
+            "id": "ev",
+            "ts": "at",
+            "user_id": "who",
+            "messages": "convo",
+            "response": "answer",
+            "model": "srv",
+        },
     )
     settings = HarvestConfig(source=source)
     until = (T0 + timedelta(hours=2, minutes=30)).replace(tzinfo=None).replace(tzinfo=UTC)
@@ -155,6 +172,10 @@ def test_external_source_with_column_mapping(engine: Engine, tmp_path: Path) -> 
 
 
 def test_external_source_errors_are_one_line(engine: Engine, tmp_path: Path) -> None:
-    source = ExternalSource(url=f"sqlite:///{tmp_path / 'x.db'}", query="SELECT * FROM missing WHERE a > :since AND a <= :until")
-    with pytest.raises(storage.UserError, match="harvest source query failed on sqlite.*no such table: missing"):
+    source = ExternalSource(
+        url=f"sqlite:///{tmp_path / 'x.db'}", query="SELECT * FROM missing WHERE a > :since AND a <= :until"
+    )
+    with pytest.raises(
+        storage.UserError, match=r"harvest source query failed on sqlite.*no such table: missing"
+    ):
         harvest(engine, "support", HarvestConfig(source=source), TrackFilter())

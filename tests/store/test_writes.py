@@ -40,7 +40,9 @@ def test_unmigrated_database_is_refused_with_the_fix(backend: str, tmp_path: Pat
 
 
 def test_unreachable_database_is_one_line() -> None:
-    with pytest.raises(UserError, match=r"cannot connect to database postgresql\+psycopg://nobody:\*\*\*@127.0.0.1:1/x"):
+    with pytest.raises(
+        UserError, match=r"cannot connect to database postgresql\+psycopg://nobody:\*\*\*@127.0.0.1:1/x"
+    ):
         storage.make_engine("postgresql+psycopg://nobody:secret@127.0.0.1:1/x")
 
 
@@ -93,8 +95,13 @@ def test_ingest_jsonl_counts_and_quarantines_with_line_numbers(engine: Engine, t
     assert report.as_json()["accepted"] == 10
     assert (report.duplicates, report.quarantined) == (1, 2)
     with engine.connect() as connection:
-        bad = connection.execute(select(QuarantinedRow.line_no, QuarantinedRow.reason, QuarantinedRow.raw)).all()
-    assert sorted((line, reason.split(":")[0]) for line, reason, _ in bad) == [(4, "invalid JSON"), (7, "consent")]
+        bad = connection.execute(
+            select(QuarantinedRow.line_no, QuarantinedRow.reason, QuarantinedRow.raw)
+        ).all()
+    assert sorted((line, reason.split(":")[0]) for line, reason, _ in bad) == [
+        (4, "invalid JSON"),
+        (7, "consent"),
+    ]
     assert {raw for _, _, raw in bad} >= {"{broken"}
     again = storage.ingest_jsonl(engine, path)
     assert (again.accepted, again.duplicates, again.quarantined) == (0, 11, 2)
@@ -103,7 +110,9 @@ def test_ingest_jsonl_counts_and_quarantines_with_line_numbers(engine: Engine, t
 
 def test_invalid_utf8_line_is_quarantined_not_fatal(engine: Engine, tmp_path: Path) -> None:
     path = tmp_path / "mixed.jsonl"
-    path.write_bytes(json.dumps(make_record(1)).encode() + b"\n\xff\xfe broken\n" + json.dumps(make_record(2)).encode())
+    path.write_bytes(
+        json.dumps(make_record(1)).encode() + b"\n\xff\xfe broken\n" + json.dumps(make_record(2)).encode()
+    )
     report = storage.ingest_jsonl(engine, path)
     assert (report.accepted, report.quarantined, dict(report.reasons)) == (2, 1, {"invalid UTF-8": 1})
 
@@ -126,8 +135,11 @@ def test_later_feedback_attaches_by_client_id(engine: Engine) -> None:
     storage.log_interaction(engine, make_record(1, feedback=None))
     storage.log_feedback(engine, "req-1", thumb=-1, comment="wrong answer")
     with engine.connect() as connection:
-        assert connection.execute(select(FeedbackEvent.thumb, FeedbackEvent.comment)).one() == (-1, "wrong answer")
-    with pytest.raises(InvalidRecord, match="feedback.rating"):
+        assert connection.execute(select(FeedbackEvent.thumb, FeedbackEvent.comment)).one() == (
+            -1,
+            "wrong answer",
+        )
+    with pytest.raises(InvalidRecord, match=r"feedback\.rating"):
         storage.log_feedback(engine, "req-1", rating=9)
     with pytest.raises(UserError, match="no interaction with id 'nope'"):
         storage.log_feedback(engine, "nope", thumb=1)

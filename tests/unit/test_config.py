@@ -50,7 +50,10 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
 
 
 def test_track_overrides_merge_over_sections(tmp_path: Path) -> None:
-    path = write(tmp_path, "train: {max_steps: 10, seed: 3}\ntracks: [{name: a, train: {max_steps: 2, lora: {rank: 2}}}]")
+    path = write(
+        tmp_path,
+        "train: {max_steps: 10, seed: 3}\ntracks: [{name: a, train: {max_steps: 2, lora: {rank: 2}}}]",
+    )
     train = load_config(path, environ={}).train_for("a")
     assert (train.max_steps, train.seed, train.lora.rank, train.lora.alpha) == (2, 3, 2, 16)
 
@@ -61,8 +64,14 @@ def test_track_overrides_merge_over_sections(tmp_path: Path) -> None:
         ("database: {urll: x}", "overnight.yaml: database.urll: unknown key"),
         ("trian: {}", "overnight.yaml: trian: unknown key"),
         ("train: {max_steps: lots}", "overnight.yaml: train.max_steps: Input should be a valid integer"),
-        ("train: {max_steps: 0}", "overnight.yaml: train.max_steps: Input should be greater than or equal to 1"),
-        ("tracks: [{name: a, train: {max_stepz: 1}}]", "overnight.yaml: tracks.0.train.max_stepz: unknown key"),
+        (
+            "train: {max_steps: 0}",
+            "overnight.yaml: train.max_steps: Input should be greater than or equal to 1",
+        ),
+        (
+            "tracks: [{name: a, train: {max_stepz: 1}}]",
+            "overnight.yaml: tracks.0.train.max_stepz: unknown key",
+        ),
         ("tracks: [{rubric: x}]", "overnight.yaml: tracks.0.name: required key is missing"),
         ("tracks: [{name: a}, {name: a}]", "names must be unique, repeated: a"),
         ("tracks: [{name: 'Bad Name'}]", "overnight.yaml: tracks.0.name: must be"),

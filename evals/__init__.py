@@ -1,0 +1,1 @@
+"""Regression suites, graders, the forgetting-guard gate and its statistics (read-only use of `storage`)."""

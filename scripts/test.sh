@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs into .venv/ if needed, then lints, type-checks and runs every test (unit and integration).
+# Integration tests need PostgreSQL at 127.0.0.1:5432 (OVERNIGHT_TEST_POSTGRES_URL to change);
+# with OVERNIGHT_REQUIRE_POSTGRES=1 (CI) a missing server fails the run instead of skipping.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bash "$root/scripts/install.sh"
+cd "$root"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/pyright
+exec .venv/bin/python -m pytest "$@"
