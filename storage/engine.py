@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
@@ -31,18 +32,23 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         parsed = make_url(url)
     except ArgumentError:
         raise UserError(f"database.url: not a database URL: {url!r}") from None
-    kwargs: dict[str, Any] = {"echo": echo, "future": True}
+    kwargs: dict[str, Any] = {"echo": echo, "json_serializer": _json_text, "json_deserializer": orjson.loads}
     if parsed.get_backend_name() == "sqlite":
         _ensure_sqlite_parent(parsed.database)
         kwargs["connect_args"] = {"timeout": 30}
     else:
         kwargs["pool_pre_ping"] = True
+    if parsed.get_driver_name() == "psycopg":
+        # Sessions in UTC: timestamps come back as datetime.timezone.utc, which costs nothing to convert.
+        kwargs["connect_args"] = {"options": "-c timezone=UTC"}
     try:
         engine = create_engine(parsed, **kwargs)
     except (NoSuchModuleError, ModuleNotFoundError) as error:
         raise UserError(f"database.url: unsupported driver in {safe_url(url)}: {error}") from None
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    elif parsed.get_driver_name() == "psycopg":
+        event.listen(engine, "connect", _psycopg_fast_json)
     check_connection(engine)
     return engine
 
@@ -60,6 +66,17 @@ def _ensure_sqlite_parent(database: str | None) -> None:
     if not database or database == ":memory:" or database.startswith("file:"):
         return
     Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _psycopg_fast_json(dbapi_connection: Any, _record: Any) -> None:
+    """Parse json/jsonb columns with orjson: several times faster than `json` on harvest's hot path."""
+    from psycopg.types.json import set_json_loads
+
+    set_json_loads(orjson.loads, dbapi_connection)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -1,0 +1,130 @@
+"""The CLI contract: JSON shapes, exit codes (0 ok, 2 user error with one line), help that explains."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from pipeline.synthetic_traffic import generate_records, write_jsonl
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    for name in list(__import__("os").environ):
+        if name.startswith("OVERNIGHT_"):
+            monkeypatch.delenv(name)
+    return tmp_path
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def ready(workdir: Path) -> Path:
+    assert invoke("init").exit_code == 0
+    assert invoke("db", "upgrade").exit_code == 0
+    traffic = workdir / "traffic.jsonl"
+    write_jsonl(traffic, generate_records(300, seed=3), malformed_every=30)
+    return traffic
+
+
+def test_help_explains_every_command() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("init", "db", "ingest", "harvest", "demo"):
+        assert command in result.output
+    assert "Exit codes" in result.output
+    assert "quarantine" in invoke("ingest", "--help").output
+
+
+def test_init_then_refuses_to_overwrite(workdir: Path) -> None:
+    assert invoke("init").exit_code == 0
+    assert "tracks:" in (workdir / "overnight.yaml").read_text()
+    again = invoke("init")
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    assert invoke("init", "--force").exit_code == 0
+
+
+def test_db_upgrade_is_idempotent(workdir: Path) -> None:
+    first = json.loads(invoke("--json", "db", "upgrade").stdout)
+    second = json.loads(invoke("db", "upgrade", "--json").stdout)
+    assert first["from"] is None and first["to"] == second["from"] == second["to"]
+
+
+def test_ingest_reports_counts_as_json(workdir: Path) -> None:
+    traffic = ready(workdir)
+    result = invoke("ingest", str(traffic), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["accepted"] == 300 and report["duplicates"] == 0 and report["quarantined"] == 10
+    assert sum(report["reasons"].values()) == 10
+    assert json.loads(invoke("--json", "ingest", str(traffic)).stdout)["duplicates"] == 300
+
+
+def test_harvest_preview_json_and_out(workdir: Path) -> None:
+    traffic = ready(workdir)
+    invoke("ingest", str(traffic))
+    result = invoke("harvest", "support", "--json", "--out", "support.jsonl")
+    assert result.exit_code == 0, result.output
+    preview = json.loads(result.stdout)
+    assert set(preview) >= {"track", "rows", "dropped", "sha256"}
+    assert preview["rows"] == len((workdir / "support.jsonl").read_text().splitlines()) > 0
+    assert json.loads(invoke("--json", "harvest", "support").stdout)["sha256"] == preview["sha256"]
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "message"),
+    [
+        (None, ("--config", "missing.yaml", "ingest", "x.jsonl"), "missing.yaml: config file not found"),
+        ("database: {urll: x}", ("ingest", "x.jsonl"), "overnight.yaml: database.urll: unknown key"),
+        ("", ("ingest", "nowhere.jsonl"), "nowhere.jsonl: no such file"),
+        ("", ("harvest", "support"), "unknown track 'support'"),
+        ("", ("ingest", "."), "not a regular file"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(
+    workdir: Path, setup: str | None, args: tuple, message: str
+) -> None:
+    if setup is not None:
+        (workdir / "overnight.yaml").write_text(setup)
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_unmigrated_store_tells_what_to_run(workdir: Path) -> None:
+    (workdir / "t.jsonl").write_text("")
+    result = invoke("ingest", "t.jsonl")
+    assert result.exit_code == 2 and "run `overnight db upgrade`" in result.stderr
+
+
+def test_environment_overrides_database(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OVERNIGHT_DATABASE__URL", f"sqlite:///{workdir / 'elsewhere.db'}")
+    assert invoke("db", "upgrade").exit_code == 0
+    assert (workdir / "elsewhere.db").exists() and not (workdir / ".overnight").exists()
+
+
+def test_unreachable_database_is_exit_2(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OVERNIGHT_DATABASE__URL", "postgresql+psycopg://nobody@127.0.0.1:1/none")
+    result = invoke("db", "upgrade")
+    assert result.exit_code == 2 and "cannot connect to database" in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_two_nights_and_commits(workdir: Path) -> None:
+    result = invoke("demo", "--nights", "2", "--rows", "120", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert [night["night"] for night in summary["nights"]] == [1, 2]
+    second = summary["nights"][1]
+    assert second["ingest"]["accepted"] == 120 and second["ingest"]["quarantined"] > 0
+    windows = [track["harvest"]["window"] for track in second["tracks"]]
+    assert all(window["after_id"] > 0 for window in windows)  # night 2 starts where night 1 committed
+    assert all(Path(track["harvest"]["path"]).exists() for track in second["tracks"])
+    assert (workdir / ".overnight/demo/tiny-model/config.json").exists()
