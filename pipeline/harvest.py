@@ -34,7 +34,7 @@ from pipeline.config import HarvestConfig, TrackFilter
 from pipeline.hash_set import CompactHashSet
 from pipeline.redaction import redact
 from storage import reads
-from storage.errors import InvalidRecord
+from storage.errors import InvalidRecord, UserError
 from storage.records import InteractionRecord, parse_record
 from storage.writes import BadRow, quarantine
 
@@ -453,8 +453,13 @@ class _SnapshotTarget:
         self._temp: Path | None = None
         self.directory = directory or Path()
         if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=".harvest-", suffix=".jsonl", dir=directory)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                fd, name = tempfile.mkstemp(prefix=".harvest-", suffix=".jsonl", dir=directory)
+            except OSError as error:
+                raise UserError(
+                    f"{directory}: cannot write the snapshot: {error.strerror or error}"
+                ) from None
             self._handle = os.fdopen(fd, "wb")
             self._temp = Path(name)
 

@@ -7,19 +7,25 @@ personal data or credentials. Every text field of a harvested interaction goes t
 sentence keeps its shape: the model still learns that "an address goes here" without learning
 anybody's address.
 
-How: one compiled regex, one named group per candidate shape, scanned once per text. The
-replacement callback runs the checks a regex cannot express (Luhn for cards, ISO 13616 mod-97 for
-IBANs, octet range for IPv4, a parser for IPv6, digit count for phones, "looks random" for secret
-values) and puts the original text back when a check fails. Overlaps are deterministic: the
-leftmost match wins and, at one position, the first alternative in ``_PATTERNS`` (secrets, e-mail,
-IBAN, card, IP, phone), so an e-mail holding digits is an EMAIL and a card is tried before a phone.
+How: one compiled regex, one named group per candidate shape, scanned once per text, left to right.
+For each candidate a handler runs the check a regex cannot express (Luhn for cards, ISO 13616 mod-97
+for IBANs, octet range for IPv4, a parser for IPv6, digit count for phones, "looks random" for
+secret values); a candidate that fails is kept as it is. Overlaps are deterministic: the leftmost
+candidate wins and, at one position, the first alternative in ``_PATTERNS`` (secrets, e-mail, IBAN,
+card, IP, phone), so an e-mail holding digits is an EMAIL and a card is tried before a phone. When
+only a prefix of a candidate is valid (an IBAN followed by "EUR", a phone followed by a date), the
+prefix is redacted and the scan goes on right after it. A run that an alternative scans without
+bound is tried from its start only and number shapes have bounded repetitions, so the scan stays
+linear on long hostile input.
 
 Chosen limits, precision first so that prose, maths, dates, times, versions and code survive:
 phones need a ``+``, a ``(area)``/3-3-4 layout or a leading trunk ``0`` plus separators, and 9-15
-digits (bare digit runs such as timestamps or order ids are left alone); cards must start with 2-6
-(the issuers of payment cards); IBANs are upper case; IPv6 needs at least three groups (so ``::``,
-``a::b`` and slices like ``x[1::2]`` stay); ``key=value`` secrets need a value that is not a plain
-identifier (``api_key=os.environ``) unless it is 24+ characters long.
+digits (bare digit runs such as timestamps or order ids are left alone; a short number right after a
+phone may be taken with it); cards must start with 2-6 (the payment-card issuers); IBANs are upper
+case; e-mail local parts are ASCII; IPv6 needs at least three groups (so ``::``, ``fe80::1``,
+``a::b`` and slices like ``x[1::2]`` stay) and a four-part version such as ``1.2.3.4`` reads as an
+IPv4 address; ``key=value`` secrets need a value that is not a plain identifier
+(``api_key=os.environ``, ``YOUR_API_KEY``) unless it is 24+ characters long.
 """
 
 from __future__ import annotations
@@ -48,11 +54,11 @@ _NUMBER_END = r"(?![\w:]|[.,-][0-9])"
 # (group name, PII type, pattern), in precedence order. Most alternatives start with a plain
 # character or class, which lets `re` reject a position with one comparison per alternative; a
 # lookbehind sits after that first character: "[2-6](?<!\.[0-9])" (no card right after a "."),
-# "[\w%+-](?<![\w.%+-].)" (an e-mail local part is tried from its start only, which keeps long
-# runs such as "-----" or "a.b.c..." linear instead of quadratic).
+# "[\w%+-](?<![\w.%+-].)" (an e-mail local part, a JWT, an IPv6 run is tried from its start only,
+# which keeps long runs such as "-----", "a.b.c..." or "1:2:3:...x" linear instead of quadratic).
 # A secret value never ends in "." (`(?<!\.)`): that is the end of the sentence.
 _PATTERNS: tuple[tuple[str, str, str], ...] = (
-    ("jwt", "SECRET", r"eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]*"),
+    ("jwt", "SECRET", r"eyJ(?<![\w-]eyJ)[\w-]{8,}\.[\w-]{8,}\.[\w-]*"),
     ("openai", "SECRET", r"sk-[\w-]{20,}"),
     ("github", "SECRET", r"g(?:h[pousr]_[A-Za-z0-9]{20,}|ithub_pat_\w{20,})"),
     ("aws", "SECRET", r"A[KS]IA[0-9A-Z]{16}(?![A-Za-z0-9])"),
@@ -71,18 +77,18 @@ _PATTERNS: tuple[tuple[str, str, str], ...] = (
     (
         "ipv6",
         "IP",
-        r"[0-9A-Fa-f:][0-9A-Fa-f]{0,3}:[0-9A-Fa-f]{0,4}:(?:[0-9A-Fa-f:.]*[0-9A-Fa-f:])?(?![\w:]|\.[0-9])",
+        r"[0-9A-Fa-f:](?<![:.].)[0-9A-Fa-f]{0,3}:[0-9A-Fa-f]{0,4}:(?:[0-9A-Fa-f:.]*[0-9A-Fa-f:])?(?![\w:]|\.[0-9])",
     ),
     (
         "phone_intl",
         "PHONE",
-        r"\+[0-9]{1,3}(?:[ .-]?\([0-9]{1,4}\))?[ .-]?[0-9]+(?:[ .-][0-9]+)*" + _NUMBER_END,
+        r"\+[0-9]{1,3}(?:[ .-]?\([0-9]{1,4}\))?[ .-]?[0-9]{1,12}(?:[ .-][0-9]{1,12}){0,7}" + _NUMBER_END,
     ),
     ("phone_nanp", "PHONE", r"(?:\([0-9]{3}\)[ .-]?|[0-9]{3}[ .-])[0-9]{3}[ .-][0-9]{4}" + _NUMBER_END),
     (
         "phone_trunk",
         "PHONE",
-        r"(?:\(0[0-9]{1,4}\) ?|0[0-9]{1,4}[ ./-])[0-9]{2,8}(?:[ ./-][0-9]{2,8})*" + _NUMBER_END,
+        r"(?:\(0[0-9]{1,4}\) ?|0[0-9]{1,4}[ ./-])[0-9]{2,8}(?:[ ./-][0-9]{2,8}){0,5}" + _NUMBER_END,
     ),
 )
 
@@ -121,16 +127,17 @@ def _iban_ok(candidate: str) -> bool:
     return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
 
 
-def _valid_prefix(candidate: str, is_valid: Callable[[str], bool]) -> str | None:
-    """Longest prefix of `candidate`, cut at a group separator, that passes `is_valid`.
+def _valid_prefix(candidate: str, is_valid: Callable[[str], bool], cuts: str) -> str | None:
+    """Longest prefix of `candidate`, cut before one of `cuts`, that passes `is_valid`.
 
-    A trailing group can belong to the sentence, not the number ("... 7034 EUR", a CVV after a card).
+    Trailing groups can belong to the sentence, not the number: "... 7034 EUR" after an IBAN, a CVV
+    after a card, a date or a count after a phone number.
     """
     end = len(candidate)
     while end > 0:
         if is_valid(candidate[:end]):
             return candidate[:end]
-        end = max(candidate.rfind(" ", 0, end), candidate.rfind("-", 0, end))
+        end = max(candidate.rfind(cut, 0, end) for cut in cuts)
     return None
 
 
@@ -167,25 +174,27 @@ def _looks_secret(value: str) -> bool:
     return len(value) >= 24 or not _IDENTIFIER_RE.fullmatch(value)
 
 
-_Handler = Callable[[re.Match[str], str], str | None]
+# A handler gets a match and returns the span to replace by the placeholder, or None to keep the text.
+_Handler = Callable[[re.Match[str]], tuple[int, int] | None]
 
 
-def _whole(match: re.Match[str], placeholder: str) -> str | None:
-    return placeholder
+def _whole(match: re.Match[str]) -> tuple[int, int] | None:
+    return match.span()
 
 
 def _checked(is_valid: Callable[[str], bool]) -> _Handler:
-    def handle(match: re.Match[str], placeholder: str) -> str | None:
-        return placeholder if is_valid(match.group()) else None
+    def handle(match: re.Match[str]) -> tuple[int, int] | None:
+        return match.span() if is_valid(match.group()) else None
 
     return handle
 
 
-def _prefix_checked(is_valid: Callable[[str], bool]) -> _Handler:
-    def handle(match: re.Match[str], placeholder: str) -> str | None:
-        text = match.group()
-        prefix = _valid_prefix(text, is_valid)
-        return None if prefix is None else placeholder + text[len(prefix) :]
+def _prefix_checked(is_valid: Callable[[str], bool], cuts: str = " ") -> _Handler:
+    """Redact the longest valid prefix; the scan resumes right after it, so the rest is scanned too."""
+
+    def handle(match: re.Match[str]) -> tuple[int, int] | None:
+        prefix = _valid_prefix(match.group(), is_valid, cuts)
+        return None if prefix is None else (match.start(), match.start() + len(prefix))
 
     return handle
 
@@ -193,10 +202,8 @@ def _prefix_checked(is_valid: Callable[[str], bool]) -> _Handler:
 def _value_only(value_group: str) -> _Handler:
     """Redact only the value: "Bearer [SECRET]", "api_key=[SECRET]"."""
 
-    def handle(match: re.Match[str], placeholder: str) -> str | None:
-        if not _looks_secret(match[value_group]):
-            return None
-        return match.string[match.start() : match.start(value_group)] + placeholder
+    def handle(match: re.Match[str]) -> tuple[int, int] | None:
+        return match.span(value_group) if _looks_secret(match[value_group]) else None
 
     return handle
 
@@ -205,31 +212,42 @@ _HANDLERS: dict[str, _Handler] = {
     "bearer": _value_only("bearer_value"),
     "kv": _value_only("kv_value"),
     "iban": _prefix_checked(_iban_ok),
-    "card": _prefix_checked(_card_ok),
+    "card": _prefix_checked(_card_ok, cuts=" -"),
     "ipv4": _checked(_ipv4_ok),
     "ipv6": _checked(_ipv6_ok),
-    "phone_intl": _checked(_phone_ok),
+    "phone_intl": _prefix_checked(_phone_ok),
     "phone_nanp": _checked(_phone_ok),
-    "phone_trunk": _checked(_trunk_phone_ok),
+    "phone_trunk": _prefix_checked(_trunk_phone_ok),
 }
-_RULES: dict[str, tuple[str, str, _Handler]] = {
-    name: (kind, f"[{kind}]", _HANDLERS.get(name, _whole)) for name, kind, _ in _PATTERNS
+_RULES: dict[str, tuple[str, _Handler]] = {
+    name: (kind, _HANDLERS.get(name, _whole)) for name, kind, _ in _PATTERNS
 }
 
 
 def redact(text: str) -> tuple[str, Counter[str]]:
-    """Replace PII in `text` by typed placeholders; return the new text and the count per type."""
+    """Replace PII in `text` by typed placeholders; return the new text and the count per type.
+
+    One left-to-right scan: a candidate that fails its check is kept and skipped as a whole; after a
+    redaction the scan resumes at the end of the redacted span.
+    """
     counts: Counter[str] = Counter()
-
-    def replace(match: re.Match[str]) -> str:
-        kind, placeholder, handler = _RULES[match.lastgroup or ""]
-        replacement = handler(match, placeholder)
-        if replacement is None:
-            return match.group()
+    pieces: list[str] = []
+    done = 0
+    match = _PII_RE.search(text)
+    while match is not None:
+        kind, handler = _RULES[match.lastgroup or ""]
+        span = handler(match)
+        if span is None:
+            match = _PII_RE.search(text, match.end())
+            continue
+        pieces += (text[done : span[0]], f"[{kind}]")
         counts[kind] += 1
-        return replacement
-
-    return _PII_RE.sub(replace, text), counts
+        done = span[1]
+        match = _PII_RE.search(text, done)
+    if not pieces:
+        return text, counts
+    pieces.append(text[done:])
+    return "".join(pieces), counts
 
 
 def _redact_content(content: Any, counts: Counter[str]) -> Any:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 from sqlalchemy import Connection, Engine, Insert, insert, select
 
@@ -186,11 +187,15 @@ def _insert_records(connection: Connection, records: Sequence[InteractionRecord]
         unique.setdefault(record.dedup_key(), record)
     if not unique:
         return 0
-    statement = insert_ignoring_conflicts(connection, Interaction, "dedup_key")
-    statement = statement.returning(Interaction.id, Interaction.dedup_key)
     now = utc_now()
     params = [_interaction_params(key, record, now) for key, record in unique.items()]
-    inserted = connection.execute(statement, params).all()
+    if connection.dialect.driver == "psycopg":
+        inserted = _copy_then_insert(connection, params)
+    else:
+        statement = insert_ignoring_conflicts(connection, Interaction, "dedup_key")
+        inserted = connection.execute(
+            statement.returning(Interaction.id, Interaction.dedup_key), params
+        ).all()
     feedback = [
         _feedback_params(row_id, unique[key].feedback, "record")
         for row_id, key in inserted
@@ -199,6 +204,38 @@ def _insert_records(connection: Connection, records: Sequence[InteractionRecord]
     if feedback:
         connection.execute(insert(FeedbackEvent), feedback)
     return len(inserted)
+
+
+_STAGED = (
+    "dedup_key text, client_id text, ts timestamptz, ingested_at timestamptz, track text, user_id text, "
+    "session_id text, messages jsonb, response text, model text, metadata jsonb, consent boolean, "
+    "content_sha256 text"
+)
+_STAGED_COLUMNS = ", ".join(column.split()[0] for column in _STAGED.split(", "))
+_JSON_COLUMNS = frozenset({"messages", "metadata"})
+
+
+def _copy_then_insert(connection: Connection, params: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """PostgreSQL: COPY the batch into a session temp table, then one INSERT ... ON CONFLICT DO NOTHING.
+
+    An order of magnitude faster than a multi-row INSERT with RETURNING, whose statement text
+    psycopg has to parse anew for every batch.
+    """
+    raw = connection.connection.driver_connection
+    assert raw is not None
+    names = _STAGED_COLUMNS.split(", ")
+    with raw.cursor() as cursor:
+        cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS overnight_ingest_stage (ord integer, {_STAGED})")
+        cursor.execute("TRUNCATE overnight_ingest_stage")
+        with cursor.copy(f"COPY overnight_ingest_stage (ord, {_STAGED_COLUMNS}) FROM STDIN") as copy:
+            for order, row in enumerate(params):
+                values = [orjson.dumps(row[n]).decode() if n in _JSON_COLUMNS else row[n] for n in names]
+                copy.write_row([order, *values])
+        cursor.execute(
+            f"INSERT INTO interactions ({_STAGED_COLUMNS}) SELECT {_STAGED_COLUMNS} FROM overnight_ingest_stage "
+            "ORDER BY ord ON CONFLICT (dedup_key) DO NOTHING RETURNING id, dedup_key"
+        )
+        return [(row[0], row[1]) for row in cursor.fetchall()]
 
 
 def _interaction_params(key: str, record: InteractionRecord, now: Any) -> dict[str, Any]:

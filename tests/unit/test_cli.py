@@ -128,3 +128,11 @@ def test_demo_runs_two_nights_and_commits(workdir: Path) -> None:
     assert all(window["after_id"] > 0 for window in windows)  # night 2 starts where night 1 committed
     assert all(Path(track["harvest"]["path"]).exists() for track in second["tracks"])
     assert (workdir / ".overnight/demo/tiny-model/config.json").exists()
+
+
+def test_unwritable_out_is_a_user_error(workdir: Path) -> None:
+    traffic = ready(workdir)
+    invoke("ingest", str(traffic))
+    (workdir / "blocked").write_text("a file, not a directory")
+    result = invoke("harvest", "support", "--out", "blocked/x.jsonl")
+    assert result.exit_code == 2 and "cannot write the snapshot" in result.stderr

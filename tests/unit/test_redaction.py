@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.redaction import PII_TYPES, redact, redact_record_texts
 
-# (text, expected redacted text); each text holds exactly one PII item of the case list's type.
+# (text, expected redacted text); each text holds PII of its list's type only.
 EMAIL_CASES = [
     ("Mail me at john.doe@example.com tomorrow.", "Mail me at [EMAIL] tomorrow."),
     ("Reply to jane_smith+news@mail.example.co.uk.", "Reply to [EMAIL]."),
@@ -32,6 +32,7 @@ PHONE_CASES = [
     ("Büro 030/1234567, Fax (030) 1234 5678", "Büro [PHONE], Fax [PHONE]"),
     ("Mon portable: 06 12 34 56 78", "Mon portable: [PHONE]"),
     ("電話は03-1234-5678です", "電話は[PHONE]です"),
+    ("Termin: +1 (415) 555-2671 2026-11-22 passt", "Termin: [PHONE] 2026-11-22 passt"),
 ]
 CARD_CASES = [
     ("Card number 4111 1111 1111 1111 exp 12/27", "Card number [CARD] exp 12/27"),
@@ -76,7 +77,6 @@ SECRET_CASES = [
     ("password: hunter2", "password: [SECRET]"),
     ('{"api_key": "abc123xyz789", "user": "bob"}', '{"api_key": "[SECRET]", "user": "bob"}'),
     ("GET /v1/items?access_token=ya29.a0AfH6SMB&page=2", "GET /v1/items?access_token=[SECRET]&page=2"),
-    ("curl -H 'x-api-key: 9f8e7d6c5b4a' --password=S3cr3t!pass", None),
     ("settings.client_secret = 'Zx8-Qw7-Er6-Ty5'", "settings.client_secret = '[SECRET]'"),
 ]
 
@@ -91,7 +91,6 @@ TYPED_CASES = [
         ("SECRET", SECRET_CASES),
     )
     for i, (text, expected) in enumerate(cases)
-    if expected is not None
 ]
 
 
@@ -219,6 +218,8 @@ def test_multiple_pii_in_one_text_are_all_redacted_and_counted() -> None:
     ("text", "expected"),
     [
         ("mail 0151.12345678@example.com", "mail [EMAIL]"),
+        ("sms gateway +14155552671@sms.example.com", "sms gateway [EMAIL]"),
+        ("odd but valid 4111111111111111@example.com", "odd but valid [EMAIL]"),
         ("card 4111-1111-1111-1111", "card [CARD]"),
         (
             "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJlMTIz",
@@ -231,6 +232,14 @@ def test_overlaps_resolve_to_one_placeholder(text: str, expected: str) -> None:
     redacted, counts = redact(text)
     assert redacted == expected
     assert sum(counts.values()) == 1
+
+
+def test_scan_resumes_after_a_redacted_prefix() -> None:
+    # The phone candidate runs on into "10.0.0.7" (16 digits); its valid prefix is redacted and the
+    # text after it is scanned again, so the IP address is still found.
+    redacted, counts = redact("ruf +1 (415) 555-2671 10.0.0.7 an")
+    assert redacted == "ruf [PHONE] [IP] an"
+    assert counts == Counter({"PHONE": 1, "IP": 1})
 
 
 def test_empty_text() -> None:
@@ -250,7 +259,18 @@ def test_redaction_is_idempotent(text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["-" * 20_000, "a." * 10_000, "_" * 20_000, "1:" * 10_000, "+1 " * 7_000, "DE89 " * 4_000, "(0" * 10_000],
+    [
+        "-" * 20_000,
+        "a." * 10_000,
+        "_" * 20_000,
+        "1:" * 10_000 + "x",
+        "a:b:" * 5_000 + "g",
+        "eyJaaaaaaaaa-" * 8_000,
+        "+1 " * 7_000,
+        "01 " * 7_000,
+        "DE89 " * 4_000,
+        "(0" * 10_000,
+    ],
 )
 def test_long_adversarial_inputs_stay_linear(text: str) -> None:
     start = time.perf_counter()
