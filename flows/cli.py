@@ -280,6 +280,65 @@ def demo(
     stdout.print(f"store: {summary['home']}/overnight.db, base model: {summary['base_model']}")
 
 
+@app.command()
+def judge(
+    ctx: typer.Context,
+    track: Annotated[str, typer.Argument(help="Track name from the config.")],
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Judge at most this many records.")] = 200,
+    out: Annotated[Path | None, typer.Option("--out", help="Write scored records (JSONL) here.")] = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Judge tonight's harvest preview with the track's rubric and report how the judge agrees with users.
+
+    Uses the configured judge endpoint (default: the local vLLM server's base model); judgments are
+    cached in the store, so running it again costs nothing. The watermark does not move.
+    """
+    import tempfile
+    from itertools import islice
+
+    import storage
+    from pipeline import harvest as harvest_stage
+    from pipeline.judge import LlmJudge
+    from pipeline.judging import judge_records, judge_settings
+    from pipeline.rubrics import load_rubric
+
+    cfg = _config(ctx)
+    spec = cfg.track(track)
+    rubric = load_rubric(spec.rubric)
+    engine = storage.connect(cfg.database.url)
+    with tempfile.TemporaryDirectory() as scratch:
+        snapshot = Path(scratch) / "snapshot.jsonl"
+        harvest_stage.harvest(
+            engine, track, spec.harvest, spec.filter, batch_size=cfg.database.batch_size, out=snapshot
+        )
+        records = list(islice(harvest_stage.read_snapshot(snapshot), limit))
+    scored_path = out or Path(cfg.home) / "judged" / f"{track}-preview.jsonl"
+    llm_judge = LlmJudge(judge_settings(cfg.judge, cfg.serving), engine=engine)
+    with _progress(f"judge {track} ({rubric.key})", len(records)) as advance:
+        result = judge_records(
+            records, rubric=rubric, judge=llm_judge, reward=spec.reward, out=scored_path, progress=advance
+        )
+    payload = {"track": track, "rubric": rubric.key, "judge_model": llm_judge.model, **result.as_json()}
+    if _wants_json(ctx, json_output):
+        _print_json(payload)
+        return
+    table = Table("metric", "value", title=f"judge preview: {track} with {rubric.key} by {llm_judge.model}")
+    for name in ("rows", "scored", "failed", "skipped", "mean_reward"):
+        table.add_row(name, _fmt(payload[name]))
+    for name, value in payload["calibration"].items():
+        table.add_row(f"calibration {name}", _fmt(value))
+    for name in ("judge_calls", "judge_cache_hits", "judge_prompt_tokens", "judge_completion_tokens"):
+        table.add_row(name.replace("_", " "), _fmt(payload["judge"][name]))
+    stdout.print(table)
+    stdout.print(f"scored records: {scored_path}")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) and not value.is_integer() else str(int(value))
+
+
 def harvest_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table("track", "read", "kept", "dropped", "redacted", "sha256", title=title)
     for row in rows:

@@ -118,6 +118,29 @@ class GateConfig(Section):
     seed: int = 0
 
 
+class RewardConfig(Section):
+    """How a night's reward is blended: the LLM judge, user feedback and programmatic graders."""
+
+    judge: float = Field(default=1.0, ge=0)  # weight of the LLM judge's score
+    feedback: float = Field(default=0.0, ge=0)  # weight of user feedback (thumb, rating) where present
+    graders: list[dict[str, Any]] = Field(default_factory=list)  # grader specs, each with a `weight`
+
+    @field_validator("graders")
+    @classmethod
+    def _graders_build(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from evals.graders import grader_from_spec
+
+        for index, spec in enumerate(value):
+            weight = spec.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+                raise ValueError(f"graders.{index}.weight: must be a number >= 0")
+            try:
+                grader_from_spec({k: v for k, v in spec.items() if k != "weight"})
+            except UserError as error:
+                raise ValueError(f"graders.{index}: {error}") from None
+        return value
+
+
 class TrackConfig(Section):
     name: str  # the stable serving name clients call
     description: str = ""
@@ -125,6 +148,7 @@ class TrackConfig(Section):
     filter: TrackFilter = TrackFilter()
     rubric: str = "helpfulness"  # judge rubric id (shipped: helpfulness, correctness, safety, concision)
     suites: list[str] = Field(default_factory=list)  # regression suites: shipped names or JSONL paths
+    reward: RewardConfig = RewardConfig()
     harvest: HarvestConfig = HarvestConfig()
     train: dict[str, Any] = Field(default_factory=dict)  # overrides of the top-level `train` section
     gate: dict[str, Any] = Field(default_factory=dict)  # overrides of the top-level `gate` section
@@ -148,7 +172,7 @@ class JudgeConfig(Section):
     max_retries: int = Field(default=4, ge=0)  # retries with exponential backoff and jitter
     budget_items: int = Field(default=5000, ge=1)  # judged items per night at most (cache hits are free)
     temperature: float = Field(default=0.0, ge=0)
-    max_tokens: int = Field(default=256, ge=1)  # tokens the judge may write
+    max_tokens: int = Field(default=512, ge=1)  # tokens the judge may write (rationale + score)
     swap_orders: bool = False  # group mode: score two candidate orders and average (cancels position bias)
 
 
@@ -164,12 +188,13 @@ class MlflowConfig(Section):
 
 class ServingConfig(Section):
     base_model: str = ".overnight/tiny-model"  # HF model id or local path served by vLLM
+    base_name: str = "base"  # the name the base model is served under
     endpoints: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"])  # every vLLM server
     host: str = "127.0.0.1"  # where `overnight serve` binds
     port: int = Field(default=8000, ge=1, le=65535)
     max_loras: int = Field(default=4, ge=1)  # adapters resident at once
     max_lora_rank: int = Field(default=8, ge=1)
-    max_model_len: int = Field(default=512, ge=16)
+    max_model_len: int = Field(default=4096, ge=16)  # the judge prompt (rubric + conversation) must fit
     dtype: str = "auto"  # float32 on CPU
     extra_args: list[str] = Field(default_factory=list)  # passed to vLLM as they are
     startup_timeout_seconds: float = Field(default=300.0, gt=0)

@@ -106,7 +106,7 @@ class TinyModelSpec:
     head_dim: int = 64  # vLLM's CPU attention kernels reject 16; 64 is what real Llamas use
     num_hidden_layers: int = 2  # decoder blocks; two so per-layer LoRA targets are not a special case
     intermediate_size: int = 256  # SwiGLU MLP width (2x hidden)
-    max_position_embeddings: int = 512  # context length; vLLM's --max-model-len must not exceed it
+    max_position_embeddings: int = 4096  # context length: a judge prompt (instructions + rubric) needs ~1-2k
     rope_theta: float = 10000.0  # RoPE base frequency
     rms_norm_eps: float = 1e-5  # RMSNorm epsilon
     initializer_range: float = 0.02  # std of the normal init of every linear/embedding weight

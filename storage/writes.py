@@ -63,15 +63,20 @@ class BadRow:
     track: str | None = None
 
 
-def insert_ignoring_conflicts(connection: Connection, table: type[Base], key: str) -> Insert:
-    """INSERT ... ON CONFLICT (key) DO NOTHING for the connection's dialect."""
+def dialect_insert(connection: Connection, table: type[Base]) -> Any:
+    """An INSERT with the dialect's ON CONFLICT clauses (PostgreSQL and SQLite share them)."""
     if connection.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        from sqlalchemy.dialects.postgresql import insert
     elif connection.dialect.name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        from sqlalchemy.dialects.sqlite import insert
     else:
         raise UserError(f"database.url: dialect {connection.dialect.name!r} is not supported")
-    return dialect_insert(table).on_conflict_do_nothing(index_elements=[key])
+    return insert(table)
+
+
+def insert_ignoring_conflicts(connection: Connection, table: type[Base], key: str) -> Insert:
+    """INSERT ... ON CONFLICT (key) DO NOTHING for the connection's dialect."""
+    return dialect_insert(connection, table).on_conflict_do_nothing(index_elements=[key])
 
 
 def log_interaction(engine: Engine, record: InteractionRecord | Mapping[str, Any]) -> bool:

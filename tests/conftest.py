@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -114,3 +115,42 @@ def make_record(n: int = 0, **overrides: Any) -> dict[str, Any]:
     }
     record.update(overrides)
     return record
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny-model")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real vLLM CPU server on the tiny model, started once per session (about a minute).
+
+    Skips with the reason when vLLM is not installed, except under OVERNIGHT_REQUIRE_VLLM=1 (CI).
+    """
+    from pipeline.vllm_process import ServerSpec, VllmServer, free_port, vllm_installed
+
+    if not vllm_installed():
+        reason = "vLLM is not installed (pip install -e '.[cpu]')"
+        if os.environ.get("OVERNIGHT_REQUIRE_VLLM") == "1":
+            pytest.fail(f"{reason} (OVERNIGHT_REQUIRE_VLLM=1)")
+        pytest.skip(reason)
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    spec = ServerSpec(
+        model=str(tiny_model_dir),
+        served_name="tiny",
+        port=free_port(),
+        dtype="float32",
+        max_model_len=4096,
+        log_file=log,
+    )
+    server = VllmServer(spec)
+    try:
+        server.start(timeout_seconds=600)
+    except Exception:
+        print(log.read_text()[-4000:])
+        raise
+    yield server
+    server.stop()

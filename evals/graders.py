@@ -1,0 +1,547 @@
+"""Programmatic graders: one scoring function serves both the regression suites and the RL reward.
+
+A grader looks at one `Sample` (the prompt messages, the model's response, an optional reference)
+and returns a score in [0, 1]. The nightly gate averages those scores over a suite to catch
+forgetting; training wraps the very same grader with `as_reward_function` so that what is rewarded
+is what is measured (nanochat's `tasks/common.py`, TRL's `trl/rewards/`). Suites name graders with a
+small JSON object (`grader_from_spec`), so a bad suite line is a one-line `UserError`, not a crash
+in the middle of a night.
+
+The reward a night trains on is usually a blend: the LLM judge's score, a format check and whatever
+the user said (`feedback_score`). `combine_scores` blends them with weights and copes with the parts
+that are missing for a given row (most rows have no feedback; a judgment can fail).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import jsonschema
+import jsonschema.exceptions
+import jsonschema.validators
+
+from storage.errors import UserError
+
+__all__ = [
+    "CallableGrader",
+    "ContainsGrader",
+    "ExactGrader",
+    "Grader",
+    "JsonSchemaGrader",
+    "NumericGrader",
+    "RegexGrader",
+    "Sample",
+    "WeightedReward",
+    "as_reward_function",
+    "combine_scores",
+    "feedback_score",
+    "grader_from_spec",
+    "last_number",
+    "load_callable",
+    "regex_flags",
+]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One thing to grade: the conversation so far, the model's reply and what a good reply is."""
+
+    messages: list[dict[str, str]]  # the prompt, as chat messages
+    response: str  # the model's reply being graded
+    reference: str | None = None  # the expected answer, when the suite line has one
+    metadata: Mapping[str, Any] = field(default_factory=dict)  # anything else from the suite line
+
+
+class Grader(Protocol):
+    """Scores one sample in [0, 1]; `name` is what the score is logged under."""
+
+    @property
+    def name(self) -> str: ...
+
+    def score(self, sample: Sample) -> float: ...
+
+
+def _reference(grader_name: str, expected: str | None, sample: Sample) -> str:
+    """The fixed `expected` value, else the sample's reference; a suite line without either is a user error."""
+    if expected is not None:
+        return expected
+    if sample.reference is not None:
+        return sample.reference
+    raise UserError(f"grader {grader_name!r}: the sample has no reference and the grader no 'expected'")
+
+
+def _check_choice(grader_name: str, key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        allowed = " or ".join(repr(choice) for choice in choices)
+        raise UserError(f"grader {grader_name!r}: {key!r} must be {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ExactGrader:
+    """1.0 when the response equals the reference after normalisation, else 0.0."""
+
+    expected: str | None = None  # fixed answer; None means use each sample's reference
+    case_sensitive: bool = False
+    strip: bool = True  # ignore leading and trailing whitespace
+    normalize_whitespace: bool = True  # treat any run of whitespace as one space
+    name: str = "exact"
+
+    def _normalise(self, text: str) -> str:
+        if self.normalize_whitespace:
+            text = " ".join(text.split()) if self.strip else re.sub(r"\s+", " ", text)
+        elif self.strip:
+            text = text.strip()
+        return text if self.case_sensitive else text.casefold()
+
+    def score(self, sample: Sample) -> float:
+        expected = _reference(self.name, self.expected, sample)
+        return float(self._normalise(sample.response) == self._normalise(expected))
+
+
+@dataclass(frozen=True)
+class ContainsGrader:
+    """1.0 when the response contains all (or any) of the substrings, else 0.0.
+
+    With no substrings given, the sample's reference is the one substring to look for.
+    """
+
+    substrings: tuple[str, ...] = ()
+    mode: str = "all"  # "all" or "any"
+    case_sensitive: bool = False
+    name: str = "contains"
+
+    def __post_init__(self) -> None:
+        _check_choice(self.name, "mode", self.mode, ("all", "any"))
+        if isinstance(self.substrings, str):
+            object.__setattr__(self, "substrings", (self.substrings,))
+
+    def score(self, sample: Sample) -> float:
+        needles = self.substrings or (_reference(self.name, None, sample),)
+        haystack = sample.response
+        if not self.case_sensitive:
+            haystack = haystack.casefold()
+            needles = tuple(needle.casefold() for needle in needles)
+        found = [needle in haystack for needle in needles]
+        return float(all(found) if self.mode == "all" else any(found))
+
+
+_REGEX_FLAGS = {
+    "IGNORECASE": re.IGNORECASE,
+    "I": re.IGNORECASE,
+    "MULTILINE": re.MULTILINE,
+    "M": re.MULTILINE,
+    "DOTALL": re.DOTALL,
+    "S": re.DOTALL,
+    "VERBOSE": re.VERBOSE,
+    "X": re.VERBOSE,
+    "ASCII": re.ASCII,
+    "A": re.ASCII,
+}
+
+
+def regex_flags(names: str | Sequence[str], grader_name: str = "regex") -> int:
+    """`["IGNORECASE", "DOTALL"]` (or short names, any case) as the `re` flags integer."""
+    flags = 0
+    for flag_name in [names] if isinstance(names, str) else names:
+        flag = _REGEX_FLAGS.get(str(flag_name).upper())
+        if flag is None:
+            known = ", ".join(name for name in _REGEX_FLAGS if len(name) > 1)
+            raise UserError(
+                f"grader {grader_name!r}: unknown regex flag {flag_name!r} in 'flags' (known: {known})"
+            )
+        flags |= flag
+    return flags
+
+
+@dataclass(frozen=True)
+class RegexGrader:
+    """1.0 when the pattern is found in the response ("search") or matches all of it ("fullmatch").
+
+    "fullmatch" ignores leading and trailing whitespace, which models add freely.
+    """
+
+    pattern: str
+    mode: str = "search"  # "search" or "fullmatch"
+    flags: int = 0  # `re` flags; see `regex_flags` for names
+    name: str = "regex"
+    _compiled: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_choice(self.name, "mode", self.mode, ("search", "fullmatch"))
+        try:
+            compiled = re.compile(self.pattern, self.flags)
+        except re.error as error:
+            raise UserError(
+                f"grader {self.name!r}: invalid regex in 'pattern' {self.pattern!r}: {error}"
+            ) from None
+        object.__setattr__(self, "_compiled", compiled)
+
+    def score(self, sample: Sample) -> float:
+        if self.mode == "fullmatch":
+            return float(self._compiled.fullmatch(sample.response.strip()) is not None)
+        return float(self._compiled.search(sample.response) is not None)
+
+
+_JSON_FENCE = re.compile(r"```(?:json|JSON)?[ \t]*\n?(.*?)```", re.DOTALL)
+
+
+def _extract_json(text: str) -> tuple[bool, Any]:
+    """(found, value): all of the text as JSON, else a fenced block's body, else the first object or array."""
+    candidates = [text.strip(), *(match.group(1).strip() for match in _JSON_FENCE.finditer(text))]
+    for candidate in candidates:
+        try:
+            return True, json.loads(candidate)
+        except ValueError:
+            continue
+    decoder = json.JSONDecoder()
+    for start in (index for index, char in enumerate(text) if char in "{["):
+        try:
+            return True, decoder.raw_decode(text, start)[0]
+        except ValueError:
+            continue
+    return False, None
+
+
+@dataclass(frozen=True)
+class JsonSchemaGrader:
+    """1.0 when the response holds JSON (bare, fenced or embedded) that validates against the schema."""
+
+    schema: Mapping[str, Any]
+    name: str = "json_schema"
+    _validator: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.schema, Mapping):
+            raise UserError(
+                f"grader {self.name!r}: 'schema' must be a JSON object, got {type(self.schema).__name__}"
+            )
+        schema = dict(self.schema)
+        validator_class = jsonschema.validators.validator_for(schema)
+        try:
+            validator_class.check_schema(schema)
+        except jsonschema.exceptions.SchemaError as error:
+            where = "/".join(str(part) for part in error.absolute_path) or "(root)"
+            message = error.message.splitlines()[0]
+            raise UserError(f"grader {self.name!r}: invalid 'schema' at {where}: {message}") from None
+        object.__setattr__(self, "_validator", validator_class(schema))
+
+    def score(self, sample: Sample) -> float:
+        found, value = _extract_json(sample.response)
+        return float(found and self._validator.is_valid(value))
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def load_callable(target: str, grader_name: str = "python") -> Callable[..., Any]:
+    """Import `"package.module:function"` (the part after the colon may be dotted)."""
+    module_name, colon, attribute = target.partition(":")
+    if not colon or not module_name or not attribute:
+        raise UserError(f"grader {grader_name!r}: 'target' must look like 'module:function', got {target!r}")
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            found = getattr(found, part)
+    except Exception as error:
+        raise UserError(
+            f"grader {grader_name!r}: cannot load 'target' {target!r}: {_first_line(error)}"
+        ) from None
+    if not callable(found):
+        raise UserError(f"grader {grader_name!r}: 'target' {target!r} is not callable")
+    return found
+
+
+@dataclass(frozen=True)
+class CallableGrader:
+    """Any function `Sample -> float | bool`, given directly or as an importable "module:function"."""
+
+    target: str | Callable[[Sample], float | bool]
+    name: str = ""  # defaults to the function's name
+    _function: Callable[[Sample], float | bool] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target, str):
+            function = load_callable(self.target, self.name or "python")
+        elif callable(self.target):
+            function = self.target
+        else:
+            raise UserError(
+                f"grader {self.name or 'python'!r}: 'target' must be 'module:function' or a callable"
+            )
+        object.__setattr__(self, "_function", function)
+        if not self.name:
+            object.__setattr__(self, "name", getattr(function, "__name__", None) or str(self.target))
+
+    def score(self, sample: Sample) -> float:
+        value = self._function(sample)
+        if isinstance(value, bool):
+            return float(value)
+        if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"grader {self.name!r} returned {value!r}; a score must be a number in [0, 1]")
+        return float(value)
+
+
+# The last number in a text: optional sign (not a hyphen between digits), thousands separators,
+# decimals, exponent. "3-5" gives 5, "-7" gives -7, "1,234.5" gives 1234.5, "42." gives 42.
+_NUMBER = re.compile(
+    r"(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|(?<![\w.])-?\.\d+"
+)
+
+
+def last_number(text: str) -> float | None:
+    """The last number written in `text`, or None when it has none."""
+    matches = _NUMBER.findall(text)
+    return float(matches[-1].replace(",", "")) if matches else None
+
+
+@dataclass(frozen=True)
+class NumericGrader:
+    """1.0 when the last number in the response equals the expected one within the tolerance.
+
+    The expected number is `expected`, else the sample's reference, else `metadata["answer"]`; a
+    text reference such as "#### 42" counts by its last number too. For arithmetic tasks.
+    """
+
+    expected: float | str | None = None
+    tolerance: float = 1e-6  # absolute
+    relative_tolerance: float = 0.0
+    name: str = "numeric"
+
+    def __post_init__(self) -> None:
+        for key in ("tolerance", "relative_tolerance"):
+            if not getattr(self, key) >= 0:
+                raise UserError(f"grader {self.name!r}: {key!r} must be >= 0, got {getattr(self, key)!r}")
+
+    def _expected(self, sample: Sample) -> float:
+        for source in (self.expected, sample.reference, sample.metadata.get("answer")):
+            if isinstance(source, int | float) and not isinstance(source, bool):
+                return float(source)
+            if isinstance(source, str):
+                number = last_number(source)
+                if number is not None:
+                    return number
+                raise UserError(f"grader {self.name!r}: expected answer {source!r} holds no number")
+        raise UserError(f"grader {self.name!r}: the sample has no reference or metadata 'answer'")
+
+    def score(self, sample: Sample) -> float:
+        expected = self._expected(sample)
+        got = last_number(sample.response)
+        if got is None:
+            return 0.0
+        return float(math.isclose(got, expected, rel_tol=self.relative_tolerance, abs_tol=self.tolerance))
+
+
+# What each spec type accepts: key -> (allowed JSON types, required). "type" and "name" are common.
+_STR, _BOOL, _NUMBER_TYPES, _LIST, _OBJECT = (str,), (bool,), (int, float), (list,), (dict,)
+_SPEC_KEYS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "exact": {
+        "expected": (_STR, False),
+        "case_sensitive": (_BOOL, False),
+        "strip": (_BOOL, False),
+        "normalize_whitespace": (_BOOL, False),
+    },
+    "contains": {
+        "substrings": (_STR + _LIST, False),
+        "mode": (_STR, False),
+        "case_sensitive": (_BOOL, False),
+    },
+    "regex": {"pattern": (_STR, True), "mode": (_STR, False), "flags": (_STR + _LIST, False)},
+    "json_schema": {"schema": (_OBJECT, True)},
+    "python": {"target": (_STR, True)},
+    "numeric": {
+        "expected": (_NUMBER_TYPES + _STR, False),
+        "tolerance": (_NUMBER_TYPES, False),
+        "relative_tolerance": (_NUMBER_TYPES, False),
+    },
+}
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {
+        str: "a string",
+        bool: "true/false",
+        int: "a number",
+        float: "a number",
+        list: "a list",
+        dict: "an object",
+    }
+    return " or ".join(dict.fromkeys(names[kind] for kind in types))
+
+
+def _checked_options(kind: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec's keys other than "type", each checked against `_SPEC_KEYS`; errors name the key."""
+    allowed = {**_SPEC_KEYS[kind], "name": (_STR, False)}
+    for key in spec:
+        if key != "type" and key not in allowed:
+            raise UserError(
+                f"grader type {kind!r}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})"
+            )
+    options: dict[str, Any] = {}
+    for key, (types, required) in allowed.items():
+        if key not in spec:
+            if required:
+                raise UserError(f"grader type {kind!r}: missing key {key!r}")
+            continue
+        value = spec[key]
+        wrong_bool = isinstance(value, bool) and bool not in types
+        if wrong_bool or not isinstance(value, types):
+            raise UserError(f"grader type {kind!r}: key {key!r} must be {_type_name(types)}, got {value!r}")
+        if isinstance(value, list) and not all(isinstance(item, str) for item in value):
+            raise UserError(f"grader type {kind!r}: key {key!r} must be a list of strings, got {value!r}")
+        options[key] = value
+    return options
+
+
+def grader_from_spec(spec: Mapping[str, Any]) -> Grader:
+    """Build a grader from a suite line's `grader` object, e.g. `{"type": "regex", "pattern": "^\\d+$"}`."""
+    if not isinstance(spec, Mapping):
+        raise UserError(f"grader must be an object with a 'type' key, got {spec!r}")
+    if "type" not in spec:
+        raise UserError(f"grader: missing key 'type' (one of: {', '.join([*_SPEC_KEYS, 'judge'])})")
+    kind = spec["type"]
+    if kind == "judge":
+        raise UserError("grader type 'judge' needs an LLM judge: it is scored by the judge stage, not here")
+    if not isinstance(kind, str) or kind not in _SPEC_KEYS:
+        raise UserError(f"grader: unknown 'type' {kind!r} (one of: {', '.join([*_SPEC_KEYS, 'judge'])})")
+    options = _checked_options(kind, spec)
+    if kind == "contains" and "substrings" in options:
+        substrings = options["substrings"]
+        options["substrings"] = (substrings,) if isinstance(substrings, str) else tuple(substrings)
+    if kind == "regex" and "flags" in options:
+        options["flags"] = regex_flags(options["flags"], options.get("name", "regex"))
+    builders: dict[str, Callable[..., Grader]] = {
+        "exact": ExactGrader,
+        "contains": ContainsGrader,
+        "regex": RegexGrader,
+        "json_schema": JsonSchemaGrader,
+        "python": CallableGrader,
+        "numeric": NumericGrader,
+    }
+    return builders[kind](**options)
+
+
+def _completion_text(completion: Any) -> str:
+    """A TRL completion as text: a string as is, or the last assistant message's content."""
+    if isinstance(completion, str):
+        return completion
+    messages = [message for message in completion if message.get("role", "assistant") == "assistant"]
+    if not messages:
+        raise ValueError(f"completion has no assistant message: {completion!r}")
+    content = messages[-1].get("content")
+    if not isinstance(content, str):
+        raise ValueError(f"completion content must be a string, got {type(content).__name__}")
+    return content
+
+
+def _prompt_messages(prompt: Any) -> list[dict[str, str]]:
+    if prompt is None:
+        return []
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return list(prompt)
+
+
+def _samples(
+    prompts: Sequence[Any] | None, completions: Sequence[Any], columns: Mapping[str, Any]
+) -> list[Sample]:
+    """One Sample per completion; per-item dataset columns become metadata, `reference`/`answer` the reference."""
+    count = len(completions)
+    per_item = {
+        key: value
+        for key, value in columns.items()
+        if isinstance(value, list | tuple) and len(value) == count
+    }
+    references = per_item.get("reference", per_item.get("answer"))
+    samples = []
+    for index, completion in enumerate(completions):
+        reference = references[index] if references is not None else None
+        samples.append(
+            Sample(
+                messages=_prompt_messages(prompts[index] if prompts is not None else None),
+                response=_completion_text(completion),
+                reference=None if reference is None else str(reference),
+                metadata={key: values[index] for key, values in per_item.items()},
+            )
+        )
+    return samples
+
+
+def as_reward_function(grader: Grader) -> Callable[..., list[float]]:
+    """The grader as a TRL reward function `(prompts, completions, **kwargs) -> list[float]`.
+
+    Completions may be strings or chat messages; the dataset's `reference` (or `answer`) column gives
+    each item's reference, and every per-item column is in `Sample.metadata`. TRL logs the reward
+    under the function's `__name__`, which is the grader's name.
+    """
+
+    def reward(
+        prompts: Sequence[Any] | None = None, completions: Sequence[Any] = (), **kwargs: Any
+    ) -> list[float]:
+        return [grader.score(sample) for sample in _samples(prompts, completions, kwargs)]
+
+    reward.__name__ = grader.name
+    reward.__qualname__ = grader.name
+    return reward
+
+
+def feedback_score(feedback: Mapping[str, Any] | None) -> float | None:
+    """User feedback as a score in [0, 1]: thumb up 1.0, down 0.0, rating r (1..5) (r-1)/4; both averaged."""
+    if not feedback:
+        return None
+    parts = []
+    thumb, rating = feedback.get("thumb"), feedback.get("rating")
+    if thumb is not None:
+        if thumb not in (1, -1) or isinstance(thumb, bool):
+            raise ValueError(f"feedback thumb must be 1 or -1, got {thumb!r}")
+        parts.append(1.0 if thumb == 1 else 0.0)
+    if rating is not None:
+        if isinstance(rating, bool) or not isinstance(rating, int | float) or not 1 <= rating <= 5:
+            raise ValueError(f"feedback rating must be in 1..5, got {rating!r}")
+        parts.append((rating - 1) / 4)
+    return sum(parts) / len(parts) if parts else None
+
+
+def _check_weights(weights: Mapping[str, float]) -> None:
+    for name, weight in weights.items():
+        if not math.isfinite(weight) or weight < 0:
+            raise UserError(f"reward weight {name!r} must be a finite number >= 0, got {weight!r}")
+
+
+def combine_scores(components: Mapping[str, float | None], weights: Mapping[str, float]) -> float | None:
+    """Weighted mean of the components that are present, weights renormalised over them.
+
+    A component that is None (a failed judgment, no feedback) or has no weight is left out; the
+    result is None when no component with a positive weight is present.
+    """
+    _check_weights(weights)
+    total = weight_sum = 0.0
+    for name, score in components.items():
+        weight = weights.get(name, 0.0)
+        if score is None or weight == 0:
+            continue
+        if not math.isfinite(score):
+            raise ValueError(f"reward component {name!r} is {score!r}; scores must be finite")
+        total += weight * score
+        weight_sum += weight
+    return total / weight_sum if weight_sum > 0 else None
+
+
+@dataclass(frozen=True)
+class WeightedReward:
+    """A fixed set of weights, e.g. `{"judge": 0.6, "format": 0.2, "feedback": 0.2}`, applied per row."""
+
+    weights: Mapping[str, float]
+
+    def __post_init__(self) -> None:
+        _check_weights(self.weights)
+
+    def __call__(self, components: Mapping[str, float | None]) -> float | None:
+        return combine_scores(components, self.weights)

@@ -1,0 +1,148 @@
+"""The judge's I/O half against a real in-process HTTP server: retries, breaker, fallback, cache, budget."""
+
+from pathlib import Path
+
+import pytest
+
+import storage
+from pipeline.judge import JudgeSettings, JudgeUnavailable, LlmJudge, run_sync
+from pipeline.rubrics import load_rubric
+from tests.chat_server import ChatServer, Fault
+
+RUBRIC = load_rubric("helpfulness")
+CONVERSATION = [{"role": "user", "content": "How do I reset my password?"}]
+
+
+def settings(server: ChatServer, **overrides) -> JudgeSettings:
+    values = {
+        "base_url": server.base_url,
+        "model": "judge",
+        "timeout_seconds": 2.0,
+        "max_retries": 3,
+        "backoff_base_seconds": 0.01,
+        "backoff_max_seconds": 0.05,
+    }
+    return JudgeSettings(**{**values, **overrides})
+
+
+@pytest.fixture
+def server():
+    with ChatServer() as running:
+        yield running
+
+
+def score(judge: LlmJudge, responses: list[str]):
+    return run_sync(judge.score(RUBRIC, [CONVERSATION] * len(responses), responses))
+
+
+def test_pointwise_scores_are_normalised(server: ChatServer) -> None:
+    judge = LlmJudge(settings(server))
+    good, bad = score(judge, ["GOOD: open Settings > Security", "no idea"])
+    assert (good.raw_score, bad.raw_score) == (9, 2)
+    assert good.score == pytest.approx(8 / 9) and bad.score == pytest.approx(1 / 9)
+    assert judge.stats.judged == 2 and judge.stats.prompt_tokens == 200
+    sent = server.state.requests[0]
+    assert sent["response_format"]["type"] == "json_schema" and sent["temperature"] == 0.0
+
+
+def test_group_mode_restores_candidate_order(server: ChatServer) -> None:
+    judge = LlmJudge(settings(server, seed=3))
+    candidates = ["GOOD one", "bad two", "bad three", "GOOD four"]
+    (verdicts,) = run_sync(judge.score_groups(RUBRIC, [CONVERSATION], [candidates]))
+    assert [v.raw_score for v in verdicts] == [9, 2, 2, 9]
+    shown = server.state.requests[0]["messages"][-1]["content"]
+    assert [shown.index(text) for text in candidates] != sorted(shown.index(text) for text in candidates)
+
+
+def test_group_mode_can_average_two_orders(server: ChatServer) -> None:
+    judge = LlmJudge(settings(server, swap_orders=True))
+    (verdicts,) = run_sync(judge.score_groups(RUBRIC, [CONVERSATION], [["GOOD a", "bad b"]]))
+    assert len(server.state.requests) == 2 and [v.raw_score for v in verdicts] == [9, 2]
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        [Fault(status=503), Fault(status=503)],
+        [Fault(status=429)],
+        [Fault(drop=True)],
+        [Fault(delay=3.0)],  # longer than the 2 s timeout
+    ],
+)
+def test_transient_failures_are_retried(server: ChatServer, faults: list[Fault]) -> None:
+    server.state.faults.extend(faults)
+    judge = LlmJudge(settings(server))
+    (verdict,) = score(judge, ["GOOD"])
+    assert verdict.raw_score == 9 and judge.stats.retries == len(faults)
+
+
+def test_unreachable_judge_fails_with_one_line() -> None:
+    judge = LlmJudge(
+        JudgeSettings(base_url="http://127.0.0.1:9", model="judge", max_retries=2, backoff_base_seconds=0.01)
+    )
+    with pytest.raises(JudgeUnavailable) as caught:
+        score(judge, ["anything"])
+    message = str(caught.value)
+    assert "http://127.0.0.1:9/v1/chat/completions failed after 3 attempts: ConnectError" in message
+    assert "\n" not in message
+
+
+def test_circuit_opens_after_consecutive_failures(server: ChatServer) -> None:
+    server.state.faults.extend(Fault(status=502) for _ in range(50))
+    judge = LlmJudge(settings(server, max_retries=20, breaker_threshold=4, concurrency=1))
+    with pytest.raises(JudgeUnavailable, match=r"4 consecutive requests failed \(circuit open\)"):
+        score(judge, ["a", "b"])
+    assert len(server.state.requests) == 4
+
+
+def test_client_errors_are_not_retried(server: ChatServer) -> None:
+    server.state.faults.append(Fault(status=401, body='{"error": "bad key"}'))
+    judge = LlmJudge(settings(server))
+    with pytest.raises(JudgeUnavailable, match="HTTP 401"):
+        score(judge, ["a"])
+    assert len(server.state.requests) == 1
+
+
+def test_unparseable_answer_is_retried_then_failed_never_invented(server: ChatServer) -> None:
+    server.state.answer_text = "It is a fine answer, I suppose."
+    judge = LlmJudge(settings(server, parse_retries=1))
+    (verdict,) = score(judge, ["GOOD"])
+    assert verdict.score is None and verdict.status == "failed" and "unparseable" in (verdict.error or "")
+    assert len(server.state.requests) == 2 and server.state.requests[1]["temperature"] > 0
+    assert judge.stats.failed == 1 and judge.stats.judged == 0
+
+
+def test_falls_back_when_structured_output_is_refused(server: ChatServer) -> None:
+    server.state.refuse_response_format = True
+    judge = LlmJudge(settings(server))
+    good, bad = score(judge, ["GOOD", "meh"])
+    assert (good.raw_score, bad.raw_score) == (9, 2)
+    assert "response_format" not in server.state.requests[-1]
+
+
+def test_cache_hits_cost_no_call_and_failures_are_not_cached(server: ChatServer, tmp_path: Path) -> None:
+    engine = storage.make_engine(f"sqlite:///{tmp_path / 'cache.db'}")
+    storage.upgrade(engine)
+    responses = ["GOOD 1", "bad 2", "GOOD 3"]
+    first = score(LlmJudge(settings(server), engine=engine), responses)
+    calls = len(server.state.requests)
+    again = LlmJudge(settings(server), engine=engine)
+    second = score(again, responses)
+    assert len(server.state.requests) == calls and again.stats.cache_hits == 3
+    assert [v.score for v in second] == [v.score for v in first] and all(v.cached for v in second)
+    other_rubric = run_sync(again.score(load_rubric("concision"), [CONVERSATION], ["GOOD 1"]))
+    assert len(server.state.requests) == calls + 1 and not other_rubric[0].cached
+
+    server.state.answer_text = "no verdict"
+    failing = LlmJudge(settings(server, parse_retries=0), engine=engine)
+    assert score(failing, ["fresh"])[0].status == "failed"
+    server.state.answer_text = None
+    retried = LlmJudge(settings(server), engine=engine)
+    assert score(retried, ["fresh"])[0].raw_score == 2 and retried.stats.cache_hits == 0
+
+
+def test_budget_caps_judged_items(server: ChatServer) -> None:
+    judge = LlmJudge(settings(server, budget_items=2))
+    verdicts = score(judge, ["GOOD a", "b", "c", "d"])
+    assert [v.status for v in verdicts].count("skipped") == 2 and judge.stats.judged == 2
+    assert all(v.score is None for v in verdicts if v.status == "skipped")
