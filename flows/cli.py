@@ -256,11 +256,12 @@ def demo(
     rows: Annotated[int, typer.Option("--rows", min=10, help="Synthetic interactions per night.")] = 2000,
     json_output: JsonFlag = False,
 ) -> None:
-    """Run the loop on embedded defaults: a tiny local model, synthetic traffic, SQLite, all under
-    [b].overnight/demo/[/b]. Needs no config and no services.
+    """Run the loop on embedded defaults: a tiny local model served by a local vLLM server,
+    synthetic traffic, SQLite, all under [b].overnight/demo/[/b]. Needs no config and no services.
 
     Each night: generate the day's traffic for the tracks [i]support[/i] and [i]math[/i], ingest it
-    (malformed lines go to quarantine), harvest each track into a committed snapshot.
+    (malformed lines go to quarantine), harvest each track into a committed snapshot, judge it with
+    the track's rubric and report calibration against user feedback.
     """
     from flows.demo import run_demo
 
@@ -277,6 +278,7 @@ def demo(
         )
         rows_ = [track["harvest"] for track in night["tracks"]]
         stdout.print(harvest_table(rows_, title=f"night {night['night']}: harvested snapshots (committed)"))
+        stdout.print(_judge_table(night["tracks"], title=f"night {night['night']}: judged"))
     stdout.print(f"store: {summary['home']}/overnight.db, base model: {summary['base_model']}")
 
 
@@ -331,6 +333,25 @@ def judge(
         table.add_row(name.replace("_", " "), _fmt(payload["judge"][name]))
     stdout.print(table)
     stdout.print(f"scored records: {scored_path}")
+
+
+def _judge_table(tracks: list[dict[str, Any]], title: str) -> Table:
+    table = Table("track", "judged", "failed", "skipped", "reward", "ρ rating", "thumb acc", "calls", "hits",
+                  title=title)  # fmt: skip
+    for track in tracks:
+        judged, calibration = track["judge"], track["judge"]["calibration"]
+        table.add_row(
+            track["track"],
+            str(judged["scored"]),
+            str(judged["failed"]),
+            str(judged["skipped"]),
+            _fmt(judged["mean_reward"]),
+            _fmt(calibration.get("spearman_rating")),
+            _fmt(calibration.get("thumb_accuracy")),
+            _fmt(judged["judge"]["judge_calls"]),
+            _fmt(judged["judge"]["judge_cache_hits"]),
+        )
+    return table
 
 
 def _fmt(value: Any) -> str:

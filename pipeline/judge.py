@@ -54,6 +54,13 @@ class JudgeUnavailable(UserError):
     """The judge endpoint cannot be reached or keeps failing: the stage cannot go on."""
 
 
+class ItemRejected(Exception):
+    """The endpoint refused this one request (e.g. the prompt is longer than the judge's context)."""
+
+
+ITEM_STATUS = frozenset({400, 413, 422})  # the request itself is the problem: fail the item, not the stage
+
+
 @dataclass(frozen=True)
 class JudgeSettings:
     base_url: str  # OpenAI-compatible server, e.g. http://127.0.0.1:8000 (with or without /v1)
@@ -176,6 +183,10 @@ class ChatClient:
                 logger.warning("judge endpoint refuses response_format; using the tolerant parser instead")
             self.structured_output = False
             return await self.complete(messages, schema, temperature)
+        if response.status_code in ITEM_STATUS:
+            raise ItemRejected(
+                f"judge refused the item (HTTP {response.status_code}): {_brief(_error_message(response))}"
+            )
         if response.status_code != 200:
             raise JudgeUnavailable(
                 f"judge {self.settings.model} at {self.url} answered HTTP {response.status_code}: {_brief(response.text)}"
@@ -231,6 +242,16 @@ def _reply(response: httpx.Response) -> ChatReply:
         ) from None
     usage = data.get("usage") or {}
     return ChatReply(text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        error = response.json().get("error")
+    except ValueError:
+        return response.text
+    if isinstance(error, dict):
+        return str(error.get("message", error))
+    return str(error or response.text)
 
 
 def _brief(text: str, limit: int = 160) -> str:
@@ -383,7 +404,11 @@ class LlmJudge:
         error = ""
         for attempt in range(self.settings.parse_retries + 1):
             temperature = self.settings.temperature if attempt == 0 else max(self.settings.temperature, 0.7)
-            reply = await self._client.complete(messages, schema, temperature)
+            try:
+                reply = await self._client.complete(messages, schema, temperature)
+            except ItemRejected as rejected:
+                error = str(rejected)
+                break
             self.stats.prompt_tokens += reply.prompt_tokens
             self.stats.completion_tokens += reply.completion_tokens
             try:

@@ -116,20 +116,6 @@ def test_unreachable_database_is_exit_2(workdir: Path, monkeypatch: pytest.Monke
     assert result.exit_code == 2 and "cannot connect to database" in result.stderr
 
 
-@pytest.mark.slow
-def test_demo_runs_two_nights_and_commits(workdir: Path) -> None:
-    result = invoke("demo", "--nights", "2", "--rows", "120", "--json")
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
-    assert [night["night"] for night in summary["nights"]] == [1, 2]
-    second = summary["nights"][1]
-    assert second["ingest"]["accepted"] == 120 and second["ingest"]["quarantined"] > 0
-    windows = [track["harvest"]["window"] for track in second["tracks"]]
-    assert all(window["after_id"] > 0 for window in windows)  # night 2 starts where night 1 committed
-    assert all(Path(track["harvest"]["path"]).exists() for track in second["tracks"])
-    assert (workdir / ".overnight/demo/tiny-model/config.json").exists()
-
-
 def test_unwritable_out_is_a_user_error(workdir: Path) -> None:
     traffic = ready(workdir)
     invoke("ingest", str(traffic))

@@ -103,6 +103,15 @@ def test_client_errors_are_not_retried(server: ChatServer) -> None:
     assert len(server.state.requests) == 1
 
 
+def test_a_rejected_item_fails_alone(server: ChatServer) -> None:
+    too_long = '{"error": {"message": "This model\'s maximum context length is 4096 tokens."}}'
+    server.state.faults.append(Fault(status=400, body=too_long))
+    judge = LlmJudge(settings(server, concurrency=1))
+    first, second = score(judge, ["GOOD long", "GOOD short"])
+    assert first.status == "failed" and "maximum context length" in (first.error or "")
+    assert second.raw_score == 9 and len(server.state.requests) == 2
+
+
 def test_unparseable_answer_is_retried_then_failed_never_invented(server: ChatServer) -> None:
     server.state.answer_text = "It is a fine answer, I suppose."
     judge = LlmJudge(settings(server, parse_retries=1))
