@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -369,7 +370,13 @@ def harvest_table(rows: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    """SIGTERM unwinds like Ctrl-C, so `with` blocks stop what they started (e.g. a vLLM server)."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     app()
 
 

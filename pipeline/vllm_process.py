@@ -125,7 +125,11 @@ class VllmServer:
             start_new_session=True,  # so stop() can end vLLM's worker processes too
         )
         logger.info("starting vLLM on %s (pid %d)", self.base_url, self._process.pid)
-        self._wait_ready(timeout_seconds)
+        try:
+            self._wait_ready(timeout_seconds)
+        except BaseException:  # a failed start, Ctrl-C or SIGTERM: leave no server behind
+            self.stop()
+            raise
         return self
 
     def _wait_ready(self, timeout_seconds: float) -> None:
@@ -137,7 +141,6 @@ class VllmServer:
             if server_ready(self.base_url, self.spec.served_name):
                 return
             time.sleep(1.0)
-        self.stop()
         raise UserError(f"vLLM did not become ready on {self.base_url} within {timeout_seconds:.0f}s")
 
     def stop(self, grace_seconds: float = 20.0) -> None:
