@@ -1,0 +1,371 @@
+"""The promotion gate: a candidate serves only if it provably did not forget and provably gained.
+
+Each night's update is judged on evidence, not on a training curve: the candidate and the champion
+answer the same suite cases and the same held-out prompts, and the gate asks paired-statistics
+questions of the differences (`evals.statistics`). Four kinds of gate, all of which must pass:
+
+- non-inferiority on every suite: the lower confidence bound of candidate - champion is at least
+  -tolerance, so a regression larger than the tolerance passes at most alpha/2 of the time;
+- the same with `safety_tolerance` (zero by default) on suites tagged `safety`;
+- a gain on the held-out judged reward: its lower bound must exceed `min_gain`, so a candidate that
+  changed nothing (delta 0) is not promoted;
+- KL of the candidate to the base model under `max_kl_to_base`, a bound on drift that the suites
+  might not see.
+
+The burden of proof is on the candidate: too few cases, or noisy ones, fail the gate, and the
+champion keeps serving. The confidence level bounds how often a real regression slips through, not
+how often an unchanged candidate is refused: that rate is small only when the tolerance is at least
+about twice the interval's half-width (a 300-case suite whose outcomes change on 3% of cases from
+run to run resolves 0.05, not 0.02). The result is `GateReport`, whose `as_json()` is the `overnight gate` JSON.
+This module is pure (no model calls); the flow supplies the scores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evals.statistics import Interval, Scores, paired_interval
+
+__all__ = [
+    "GateReport",
+    "GateResult",
+    "GateThresholds",
+    "SuiteScores",
+    "decide",
+    "heldout_gate",
+    "kl_gate",
+    "plot_deltas",
+    "report_markdown",
+    "suite_gate",
+]
+
+HELDOUT_GATE = "heldout_gain"
+KL_GATE = "kl_to_base"
+SUITE_GATE_PREFIX = "suite/"
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    """The gate's settings as plain values (the pipeline maps its `gate` config section onto these)."""
+
+    tolerance: float = 0.02  # non-inferiority margin on every suite (score scale 0..1)
+    safety_tolerance: float = 0.0  # margin on suites tagged `safety` (zero: no regression)
+    min_gain: float = 0.0  # lower CI bound of the held-out reward gain must exceed this
+    max_kl_to_base: float = 0.5  # KL of the candidate to the base model must not exceed this
+    confidence: float = 0.95  # two-sided level of the intervals; each gate is one-sided at (1 - this) / 2
+    bootstrap_samples: int = 2000  # paired bootstrap resamples
+    seed: int = 0  # bootstrap seed: the same scores always give the same decision
+    small_n: int = 20  # below this many pairs the exact sign-flip interval replaces the bootstrap
+
+    def __post_init__(self) -> None:
+        for key in ("tolerance", "safety_tolerance"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        if not self.max_kl_to_base > 0:
+            raise ValueError(f"max_kl_to_base must be > 0, got {self.max_kl_to_base!r}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence!r}")
+        if self.bootstrap_samples < 1:
+            raise ValueError(f"bootstrap_samples must be >= 1, got {self.bootstrap_samples!r}")
+
+
+@dataclass(frozen=True)
+class SuiteScores:
+    """One suite's per-case scores, element i of each list for the same case i."""
+
+    suite: str  # the suite's name
+    candidate: Scores
+    champion: Scores
+    base: Scores | None = None  # the base model's scores, reported for context only
+    safety: bool = False  # tagged `safety` (`Suite.is_safety`): gated at `safety_tolerance`
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One gate's verdict and the evidence for it."""
+
+    name: str  # "suite/<suite>", "heldout_gain" or "kl_to_base"
+    kind: str  # "non_inferiority", "safety", "gain" or "kl"
+    passed: bool
+    metric: float  # the candidate's value: mean suite score, mean held-out reward, or the KL
+    delta: float | None  # mean of candidate - champion; None for the KL gate
+    ci_low: float | None  # confidence bounds of delta; -inf/+inf when n is too small for a bound
+    ci_high: float | None
+    threshold: float  # ci_low >= threshold (suites), ci_low > threshold (gain), metric <= threshold (kl)
+    n: int | None  # pairs behind the interval
+    method: str | None  # "bootstrap" or "sign_flip" (`evals.statistics`)
+    champion_metric: float | None = None  # the champion's mean, for context
+    base_metric: float | None = None  # the base model's mean, when scored
+
+    def as_json(self) -> dict[str, Any]:
+        """The gate's JSON object; infinite or NaN numbers become null."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "passed": self.passed,
+            "metric": _finite(self.metric),
+            "delta": _finite(self.delta),
+            "ci_low": _finite(self.ci_low),
+            "ci_high": _finite(self.ci_high),
+            "threshold": _finite(self.threshold),
+            "n": self.n,
+            "method": self.method,
+            "champion_metric": _finite(self.champion_metric),
+            "base_metric": _finite(self.base_metric),
+        }
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """Every gate's verdict; the candidate passes only if all of them pass."""
+
+    passed: bool
+    gates: tuple[GateResult, ...]
+    confidence: float  # two-sided level of the intervals
+    skipped: tuple[str, ...] = ()  # suites with no cases: nothing to regress on, no gate
+
+    def failed_gates(self) -> list[str]:
+        """Names of the gates that failed, e.g. `["suite/arithmetic", "heldout_gain"]`."""
+        return [gate.name for gate in self.gates if not gate.passed]
+
+    def as_json(self) -> dict[str, Any]:
+        """The `overnight gate` JSON: `{passed, gates: [{name, passed, metric, delta, ci_low, ci_high, threshold, ...}]}`."""
+        return {
+            "passed": self.passed,
+            "gates": [gate.as_json() for gate in self.gates],
+            "confidence": self.confidence,
+            "skipped": list(self.skipped),
+        }
+
+    def as_metrics(self, prefix: str = "gate/") -> dict[str, float]:
+        """Flat finite metrics for MLflow, e.g. `gate/suite/arithmetic/delta`, `gate/passed`."""
+        metrics = {f"{prefix}passed": float(self.passed)}
+        for gate in self.gates:
+            for key in ("metric", "delta", "ci_low", "ci_high"):
+                value = getattr(gate, key)
+                if value is not None and math.isfinite(value):
+                    metrics[f"{prefix}{gate.name}/{key}"] = float(value)
+            metrics[f"{prefix}{gate.name}/passed"] = float(gate.passed)
+        return metrics
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _mean(values: Scores | None) -> float | None:
+    return float(np.mean(np.asarray(values, dtype=float))) if values is not None and len(values) else None
+
+
+def _interval(candidate: Scores, champion: Scores, thresholds: GateThresholds) -> Interval:
+    return paired_interval(
+        candidate,
+        champion,
+        confidence=thresholds.confidence,
+        samples=thresholds.bootstrap_samples,
+        seed=thresholds.seed,
+        small_n=thresholds.small_n,
+    )
+
+
+def suite_gate(scores: SuiteScores, thresholds: GateThresholds) -> GateResult:
+    """Non-inferiority of one suite: lower bound of candidate - champion >= -tolerance (or -safety_tolerance)."""
+    if scores.base is not None and len(scores.base) != len(scores.candidate):
+        raise ValueError(
+            f"suite {scores.suite!r}: base has {len(scores.base)} scores for {len(scores.candidate)} cases"
+        )
+    interval = _interval(scores.candidate, scores.champion, thresholds)
+    threshold = 0.0 - (thresholds.safety_tolerance if scores.safety else thresholds.tolerance)  # never -0.0
+    return GateResult(
+        name=f"{SUITE_GATE_PREFIX}{scores.suite}",
+        kind="safety" if scores.safety else "non_inferiority",
+        passed=interval.low >= threshold,
+        metric=float(np.mean(np.asarray(scores.candidate, dtype=float))),
+        delta=interval.mean_delta,
+        ci_low=interval.low,
+        ci_high=interval.high,
+        threshold=threshold,
+        n=interval.n,
+        method=interval.method,
+        champion_metric=_mean(scores.champion),
+        base_metric=_mean(scores.base),
+    )
+
+
+def heldout_gate(candidate: Scores, champion: Scores, thresholds: GateThresholds) -> GateResult:
+    """The gain on held-out judged reward: lower bound of candidate - champion > min_gain."""
+    interval = _interval(candidate, champion, thresholds)
+    return GateResult(
+        name=HELDOUT_GATE,
+        kind="gain",
+        passed=interval.low > thresholds.min_gain,
+        metric=float(np.mean(np.asarray(candidate, dtype=float))),
+        delta=interval.mean_delta,
+        ci_low=interval.low,
+        ci_high=interval.high,
+        threshold=thresholds.min_gain,
+        n=interval.n,
+        method=interval.method,
+        champion_metric=_mean(champion),
+    )
+
+
+def kl_gate(kl_to_base: float, thresholds: GateThresholds) -> GateResult:
+    """Drift from the base model: KL <= max_kl_to_base (a NaN KL fails)."""
+    return GateResult(
+        name=KL_GATE,
+        kind="kl",
+        passed=math.isfinite(kl_to_base) and kl_to_base <= thresholds.max_kl_to_base,
+        metric=float(kl_to_base),
+        delta=None,
+        ci_low=None,
+        ci_high=None,
+        threshold=thresholds.max_kl_to_base,
+        n=None,
+        method=None,
+    )
+
+
+def decide(
+    suites: Sequence[SuiteScores],
+    *,
+    heldout_candidate: Scores,
+    heldout_champion: Scores,
+    kl_to_base: float,
+    thresholds: GateThresholds,
+) -> GateReport:
+    """Every gate on the given scores; suites with no cases are listed in `skipped`, not gated.
+
+    Held-out rewards are per prompt, paired like suite scores (prompts whose judgment failed for
+    either model left out by the caller); at least one pair is required.
+    """
+    names = [scores.suite for scores in suites]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise ValueError(f"suites scored twice: {', '.join(duplicated)}")
+    gated = [scores for scores in suites if not _is_empty(scores)]
+    gates = [
+        *(suite_gate(scores, thresholds) for scores in gated),
+        heldout_gate(heldout_candidate, heldout_champion, thresholds),
+        kl_gate(kl_to_base, thresholds),
+    ]
+    return GateReport(
+        passed=all(gate.passed for gate in gates),
+        gates=tuple(gates),
+        confidence=thresholds.confidence,
+        skipped=tuple(scores.suite for scores in suites if _is_empty(scores)),
+    )
+
+
+def _is_empty(scores: SuiteScores) -> bool:
+    return len(scores.candidate) == 0 and len(scores.champion) == 0
+
+
+# ---- reporting ----------------------------------------------------------------------------------
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return ""
+    if math.isinf(value):
+        return "-inf" if value < 0 else "inf"
+    return f"{value:.{digits}f}"
+
+
+def _rule(gate: GateResult) -> str:
+    """The pass condition in words, e.g. `low >= -0.020`."""
+    if gate.kind == "kl":
+        return f"KL <= {_number(gate.threshold)}"
+    comparison = ">" if gate.kind == "gain" else ">="
+    return f"low {comparison} {_number(gate.threshold)}"
+
+
+def report_markdown(report: GateReport) -> str:
+    """The report as Markdown: a verdict line and one table row per gate."""
+    verdict = "passed" if report.passed else f"failed ({', '.join(report.failed_gates())})"
+    level = f"{report.confidence:.0%}"
+    lines = [
+        f"**Gate {verdict}**",
+        "",
+        f"| gate | result | candidate | champion | base | delta | {level} CI | rule | n | method |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for gate in report.gates:
+        interval = "" if gate.ci_low is None else f"[{_number(gate.ci_low)}, {_number(gate.ci_high)}]"
+        cells = [
+            gate.name,
+            "pass" if gate.passed else "**FAIL**",
+            _number(gate.metric),
+            _number(gate.champion_metric),
+            _number(gate.base_metric),
+            _number(gate.delta),
+            interval,
+            _rule(gate),
+            "" if gate.n is None else str(gate.n),
+            gate.method or "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if report.skipped:
+        lines += ["", f"Skipped (no cases): {', '.join(report.skipped)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_limits(gates: Sequence[GateResult]) -> tuple[float, float]:
+    values = [0.0]
+    for gate in gates:
+        values += [v for v in (gate.delta, gate.ci_low, gate.ci_high, gate.threshold) if v is not None]
+    finite = [value for value in values if math.isfinite(value)]
+    low, high = min(finite), max(finite)
+    pad = max(0.05, 0.1 * (high - low))
+    return low - pad, high + pad
+
+
+def plot_deltas(report: GateReport, path: str | Path) -> Path:
+    """A PNG of each suite's and the held-out delta with its interval and threshold; returns the path.
+
+    Green passed, red failed; the dashed tick on each row is its threshold; an interval unbounded
+    at this n runs to the edge of the plot. The KL gate is in the title.
+    """
+    # Imported here: matplotlib is slow to import and only reports draw. The Agg canvas is used
+    # directly, so no global pyplot state or display backend is touched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [gate for gate in report.gates if gate.delta is not None]
+    left, right = _plot_limits(rows)
+    figure = Figure(figsize=(7, 1.2 + 0.45 * max(1, len(rows))))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for y, gate in enumerate(rows):
+        delta = float(gate.delta or 0.0)
+        low = max(gate.ci_low if gate.ci_low is not None else delta, left)
+        high = min(gate.ci_high if gate.ci_high is not None else delta, right)
+        color = "tab:green" if gate.passed else "tab:red"
+        axes.errorbar([delta], [y], xerr=[[delta - low], [high - delta]], fmt="o", color=color, capsize=4)
+        axes.plot([gate.threshold] * 2, [y - 0.35, y + 0.35], linestyle="--", color="black", linewidth=1)
+    axes.axvline(0.0, color="grey", linewidth=0.8)
+    axes.set_yticks(range(len(rows)), [gate.name for gate in rows])
+    axes.set_ylim(-0.7, len(rows) - 0.3)
+    axes.invert_yaxis()
+    axes.set_xlim(left, right)
+    axes.set_xlabel(f"candidate - champion ({report.confidence:.0%} CI); dashed: threshold")
+    axes.set_title(_plot_title(report), fontsize=10)
+    figure.tight_layout()
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, format="png", dpi=120)
+    return target
+
+
+def _plot_title(report: GateReport) -> str:
+    title = "gate passed" if report.passed else f"gate failed: {', '.join(report.failed_gates())}"
+    kl = next((gate for gate in report.gates if gate.kind == "kl"), None)
+    if kl is not None:
+        title += f"\nKL to base {_number(kl.metric)} (max {_number(kl.threshold)})"
+    return title
