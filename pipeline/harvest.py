@@ -416,11 +416,11 @@ def pseudonym(user_id: str) -> str:
 
 def normalize_prompt(messages: Iterable[Mapping[str, str]]) -> bytes:
     """Case, ASCII punctuation and spacing folded, so near-identical prompts compare equal."""
-    return b"\n".join(m["role"].encode() + b":" + _normalized_text(m["content"]) for m in messages)
+    return b"\n".join(m["role"].encode() + b":" + normalize_text(m["content"]) for m in messages)
 
 
 @functools.lru_cache(maxsize=4096)  # system prompts and common questions repeat on every row
-def _normalized_text(text: str) -> bytes:
+def normalize_text(text: str) -> bytes:
     return b" ".join(text.lower().encode().translate(_PUNCTUATION).split())
 
 
