@@ -45,6 +45,7 @@ __all__ = [
     "last_number",
     "load_callable",
     "regex_flags",
+    "weighted_grader",
 ]
 
 
@@ -426,6 +427,19 @@ def grader_from_spec(spec: Mapping[str, Any]) -> Grader:
         "numeric": NumericGrader,
     }
     return builders[kind](**options)
+
+
+def weighted_grader(spec: Mapping[str, Any]) -> tuple[float, Grader]:
+    """A reward config entry: a grader spec plus an optional `weight` (default 1.0, a number >= 0)."""
+    weight = spec.get("weight", 1.0)
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, int | float)
+        or not math.isfinite(weight)
+        or weight < 0
+    ):
+        raise UserError(f"grader weight must be a finite number >= 0, got {weight!r}")
+    return float(weight), grader_from_spec({key: value for key, value in spec.items() if key != "weight"})
 
 
 def _completion_text(completion: Any) -> str:

@@ -128,14 +128,11 @@ class RewardConfig(Section):
     @field_validator("graders")
     @classmethod
     def _graders_build(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from evals.graders import grader_from_spec
+        from evals.graders import weighted_grader
 
         for index, spec in enumerate(value):
-            weight = spec.get("weight", 1.0)
-            if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
-                raise ValueError(f"graders.{index}.weight: must be a number >= 0")
             try:
-                grader_from_spec({k: v for k, v in spec.items() if k != "weight"})
+                weighted_grader(spec)
             except UserError as error:
                 raise ValueError(f"graders.{index}: {error}") from None
         return value

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from evals.calibration import CalibrationReport, calibrate
-from evals.graders import Grader, Sample, combine_scores, feedback_score, grader_from_spec
+from evals.graders import Grader, Sample, combine_scores, feedback_score, weighted_grader
 from pipeline.config import JudgeConfig, RewardConfig, ServingConfig
 from pipeline.judge import Judge, JudgeResult, JudgeSettings, JudgeStats, run_sync
 from pipeline.rubrics import Rubric
@@ -83,7 +83,7 @@ def judge_records(
     progress: Progress | None = None,
 ) -> JudgeStageResult:
     """Score every record and write `{..record, judge, feedback_score, graders, reward}` lines to `out`."""
-    graders = [(spec.get("weight", 1.0), grader_from_spec(_without_weight(spec))) for spec in reward.graders]
+    graders = [weighted_grader(spec) for spec in reward.graders]
     weights = {"judge": reward.judge, "feedback": reward.feedback, **{g.name: w for w, g in graders}}
     result = JudgeStageResult(path=out, stats=judge.stats)
     pairs: list[tuple[float | None, Any]] = []
@@ -157,10 +157,6 @@ def _verdict_json(verdict: JudgeResult | None) -> dict[str, Any] | None:
         "error": verdict.error,
         "cached": verdict.cached,
     }
-
-
-def _without_weight(spec: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in spec.items() if key != "weight"}
 
 
 def _batches(records: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from evals.graders import as_reward_function, grader_from_spec
+from evals.graders import as_reward_function, weighted_grader
 from pipeline.config import RewardConfig
 from pipeline.judge import Judge
 from pipeline.rubrics import Rubric
@@ -61,10 +61,9 @@ def reward_functions(
         functions.append(judge_reward(judge, rubric))
         weights.append(reward.judge)
     for spec in reward.graders:
-        functions.append(
-            as_reward_function(grader_from_spec({k: v for k, v in spec.items() if k != "weight"}))
-        )
-        weights.append(float(spec.get("weight", 1.0)))
+        weight, grader = weighted_grader(spec)
+        functions.append(as_reward_function(grader))
+        weights.append(weight)
     return functions, weights
 
 

@@ -640,11 +640,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if state.is_main_process else logging.WARNING,
         format=f"%(levelname)s [rank {state.process_index}] %(name)s: %(message)s",
     )
-    from evals.graders import as_reward_function, grader_from_spec
+    from evals.graders import as_reward_function, weighted_grader
 
     try:
         job = load_job(args.job)
-        graders = [grader_from_spec({k: v for k, v in spec.items() if k != "weight"}) for spec in job.graders]
+        graders = [weighted_grader(spec)[1] for spec in job.graders]
     except UserError as error:
         sys.stderr.write(f"{error}\n")
         return 2
