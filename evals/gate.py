@@ -26,6 +26,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ __all__ = [
     "decide",
     "heldout_gate",
     "kl_gate",
+    "noise_margin",
     "plot_deltas",
     "report_markdown",
     "suite_gate",
@@ -62,6 +64,9 @@ class GateThresholds:
     bootstrap_samples: int = 2000  # paired bootstrap resamples
     seed: int = 0  # bootstrap seed: the same scores always give the same decision
     small_n: int = 20  # below this many pairs the exact sign-flip interval replaces the bootstrap
+    # Sampled replies only: widen a suite's margin until an unchanged candidate fails it at most this
+    # often (see `noise_margin`); None keeps the configured tolerance (greedy, deterministic replies).
+    false_alarm_rate: float | None = None
 
     def __post_init__(self) -> None:
         for key in ("tolerance", "safety_tolerance"):
@@ -71,6 +76,8 @@ class GateThresholds:
             raise ValueError(f"max_kl_to_base must be > 0, got {self.max_kl_to_base!r}")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence!r}")
+        if self.false_alarm_rate is not None and not 0 < self.false_alarm_rate < 0.5:
+            raise ValueError(f"false_alarm_rate must be in (0, 0.5), got {self.false_alarm_rate!r}")
         if self.bootstrap_samples < 1:
             raise ValueError(f"bootstrap_samples must be >= 1, got {self.bootstrap_samples!r}")
 
@@ -101,6 +108,7 @@ class GateResult:
     n: int | None  # pairs behind the interval
     method: str | None  # "bootstrap" or "sign_flip" (`evals.statistics`)
     champion_metric: float | None = None  # the champion's mean, for context
+    widened: bool = False  # the threshold is the noise margin, wider than the configured tolerance
     base_metric: float | None = None  # the base model's mean, when scored
 
     def as_json(self) -> dict[str, Any]:
@@ -118,6 +126,7 @@ class GateResult:
             "method": self.method,
             "champion_metric": _finite(self.champion_metric),
             "base_metric": _finite(self.base_metric),
+            "widened": self.widened,
         }
 
 
@@ -182,10 +191,15 @@ def suite_gate(scores: SuiteScores, thresholds: GateThresholds) -> GateResult:
         )
     interval = _interval(scores.candidate, scores.champion, thresholds)
     threshold = 0.0 - (thresholds.safety_tolerance if scores.safety else thresholds.tolerance)  # never -0.0
+    margin = noise_margin(interval, thresholds)
+    widened = margin is not None and -margin < threshold
+    if widened and margin is not None:
+        threshold = -margin
     return GateResult(
         name=f"{SUITE_GATE_PREFIX}{scores.suite}",
         kind="safety" if scores.safety else "non_inferiority",
         passed=interval.low >= threshold,
+        widened=widened,
         metric=float(np.mean(np.asarray(scores.candidate, dtype=float))),
         delta=interval.mean_delta,
         ci_low=interval.low,
@@ -196,6 +210,27 @@ def suite_gate(scores: SuiteScores, thresholds: GateThresholds) -> GateResult:
         champion_metric=_mean(scores.champion),
         base_metric=_mean(scores.base),
     )
+
+
+def noise_margin(interval: Interval, thresholds: GateThresholds) -> float | None:
+    """The margin an unchanged candidate stays inside with probability 1 - `false_alarm_rate`.
+
+    With sampled replies, candidate - champion is noisy even when nothing changed: its estimate d
+    has a standard error se, the interval's lower bound is about d - z_c·se (z_c for the one-sided
+    level), and a margin m fails an unchanged candidate when d < z_c·se - m. Choosing
+    m = (z_c + z_f)·se makes that happen with probability `false_alarm_rate` (z_f its quantile). se
+    is read off the interval's half-width (z_c·se). None when the rate is not set or the interval is
+    unbounded; the result is reported as the gate's threshold, so a review sees how large a
+    regression the suite could resolve.
+    """
+    rate = thresholds.false_alarm_rate
+    if rate is None or not (math.isfinite(interval.low) and math.isfinite(interval.high)):
+        return None
+    normal = NormalDist()
+    z_confidence = normal.inv_cdf(1 - (1 - thresholds.confidence) / 2)
+    z_false_alarm = normal.inv_cdf(1 - rate)
+    standard_error = (interval.high - interval.low) / 2 / z_confidence
+    return (z_confidence + z_false_alarm) * standard_error
 
 
 def heldout_gate(candidate: Scores, champion: Scores, thresholds: GateThresholds) -> GateResult:

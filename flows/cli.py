@@ -253,16 +253,18 @@ def harvest(
 @app.command()
 def demo(
     ctx: typer.Context,
-    nights: Annotated[int, typer.Option("--nights", min=1, max=30, help="Nights to run.")] = 1,
-    rows: Annotated[int, typer.Option("--rows", min=10, help="Synthetic interactions per night.")] = 2000,
+    nights: Annotated[int, typer.Option("--nights", min=1, max=30, help="Nights to simulate.")] = 1,
+    rows: Annotated[int, typer.Option("--rows", min=10, help="Synthetic interactions per night.")] = 600,
     json_output: JsonFlag = False,
 ) -> None:
-    """Run the loop on embedded defaults: a tiny local model served by a local vLLM server,
-    synthetic traffic, SQLite, all under [b].overnight/demo/[/b]. Needs no config and no services.
+    """Run the whole loop on embedded defaults: a tiny local model served by a local vLLM server,
+    synthetic traffic, SQLite, local MLflow, an ephemeral Prefect API, all under [b].overnight/demo/[/b].
 
-    Each night: generate the day's traffic for the tracks [i]support[/i] and [i]math[/i], ingest it
-    (malformed lines go to quarantine), harvest each track into a committed snapshot, judge it with
-    the track's rubric and report calibration against user feedback.
+    Each night: generate the day's traffic for the tracks [i]support[/i] (LLM judge) and [i]math[/i]
+    (a programmatic grader the tiny model can learn), ingest it, and run the nightly flow: harvest,
+    judge, select, bounded GRPO LoRA update, forgetting guard, MLflow registration, hot-swap into
+    the server. Then ask each track's stable name a question. The server is stopped on the way out,
+    Ctrl-C included.
     """
     from flows.demo import run_demo
 
@@ -271,16 +273,54 @@ def demo(
     if _wants_json(ctx, json_output):
         _print_json(summary)
         return
+    from flows.cli_release import gate_table, night_table
+
+    stdout.print(f"[dim]{summary['note']}[/dim]")
     for night in summary["nights"]:
         ingest = night["ingest"]
         stdout.print(
-            f"[b]night {night['night']}[/b]: ingested {ingest['accepted']}, {ingest['duplicates']} duplicates, "
-            f"{ingest['quarantined']} quarantined"
+            f"[b]night {night['night']} ({night['label']})[/b]: ingested {ingest['accepted']}, "
+            f"{ingest['duplicates']} duplicates, {ingest['quarantined']} quarantined"
         )
-        rows_ = [track["harvest"] for track in night["tracks"]]
-        stdout.print(harvest_table(rows_, title=f"night {night['night']}: harvested snapshots (committed)"))
-        stdout.print(_judge_table(night["tracks"], title=f"night {night['night']}: judged"))
-    stdout.print(f"store: {summary['home']}/overnight.db, base model: {summary['base_model']}")
+        stdout.print(night_table(night["tracks"], f"night {night['night']}"))
+        for entry in night["tracks"]:
+            if entry.get("gate") and entry["gate"].get("gates"):
+                stdout.print(gate_table(entry["gate"], f"night {night['night']}, {entry['track']}: gate"))
+    stdout.print(trend_table(summary["nights"]))
+    answers = Table(
+        "track", "served by", "question", "answer", title="asked through the server after the last night"
+    )
+    for answer in summary["answers"]:
+        answers.add_row(answer["track"], answer["served_by"], answer["question"], repr(answer["answer"]))
+    stdout.print(answers)
+    browse = summary["browse"]
+    stdout.print(f"browse the runs and versions: [b]{browse['mlflow']}[/b]")
+    stdout.print(f"status of every track: [b]{browse['status']}[/b]")
+    stdout.print(f"Prefect UI: [b]{browse['prefect']}[/b]")
+
+
+def trend_table(nights: list[dict[str, Any]]) -> Table:
+    """Held-out reward of champion and candidate per night and track: the loop's learning curve."""
+    table = Table(
+        "night", "track", "champion", "candidate", "gain CI", "status", title="held-out reward by night"
+    )
+    for night in nights:
+        for entry in night["tracks"]:
+            gates = {g["name"]: g for g in ((entry.get("gate") or {}).get("gates") or [])}
+            gain = gates.get("heldout_gain")
+            if gain is None:
+                table.add_row(str(night["night"]), entry["track"], "-", "-", "-", entry["status"])
+                continue
+            interval = f"[{_fmt(gain['ci_low'])}, {_fmt(gain['ci_high'])}]"
+            table.add_row(
+                str(night["night"]),
+                entry["track"],
+                _fmt(gain.get("champion_metric")),
+                _fmt(gain.get("metric")),
+                interval,
+                entry["status"],
+            )
+    return table
 
 
 @app.command()
@@ -368,6 +408,9 @@ def harvest_table(rows: list[dict[str, Any]], title: str) -> Table:
         redacted = ", ".join(f"{k} {v}" for k, v in row["redactions"].items()) or "-"
         table.add_row(row["track"], str(row["read"]), str(row["rows"]), dropped, redacted, row["sha256"][:12])
     return table
+
+
+import flows.cli_release  # noqa: E402, F401  (registers run, status, gate, serve, deploy, rollback, schedule)
 
 
 def _exit_on_sigterm(signum: int, _frame: Any) -> None:

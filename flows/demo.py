@@ -1,76 +1,116 @@
-"""`overnight demo`: the loop on embedded defaults, night after night, with nothing to set up.
+"""`overnight demo`: the whole loop on embedded defaults, night after night, with nothing to set up.
 
-It keeps everything under `.overnight/demo/` (its own SQLite store, snapshots, tiny model, server
-log), so it never touches a user's configured store. It builds the tiny model, starts a local vLLM
-server on it, and each night generates that day's synthetic traffic for the two example tracks
-(with PII, duplicates, heavy users and malformed lines), ingests it, harvests each track into a
-committed snapshot and judges the snapshot with the track's rubric (within a small budget, so a
-night takes about a minute on two cores). Later stages of the loop join here as they land.
+Everything lives under `.overnight/demo/` (its own SQLite store, local MLflow store, snapshots,
+adapters, the tiny model, the server log), so it never touches a user's configured store; each run
+starts from a clean store and reuses only the cached tiny model. It builds the tiny base model,
+starts a local vLLM CPU server on it, and then, night after night: generates that day's synthetic
+traffic for two tracks (with PII, duplicates, heavy users and malformed lines), ingests it, and runs
+the real nightly flow (harvest, judge, select, train, gate, register, hot-swap, commit). After the
+last night it asks each track's stable name a question through the server.
+
+The tiny random model cannot make an LLM judge meaningful, so the `math` track is rewarded by a
+programmatic grader (the reply contains a number), which the tiny model can learn in a few steps;
+the `support` track exercises the LLM judge through the vLLM server, whatever its gate decides.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine
+import yaml
 
 import storage
-from pipeline import harvest as harvest_stage
 from pipeline import synthetic_traffic
-from pipeline.config import OvernightConfig, TrackConfig, load_config, starter_config_text
-from pipeline.judge import LlmJudge
-from pipeline.judging import judge_records, judge_settings
-from pipeline.rubrics import load_rubric
-from pipeline.vllm_process import ServerSpec, VllmServer, free_port
+from pipeline.config import OvernightConfig, load_config
+from pipeline.vllm_client import VllmClient
+from pipeline.vllm_process import ServerSpec, free_port
 
 DEMO_HOME = Path(".overnight/demo")
 MALFORMED_EVERY = 50  # one malformed line per this many records, as real logs have
-JUDGE_BUDGET = 96  # judged rows per track per night in the demo; the rest are counted as skipped
+JUDGE_BUDGET = 64  # LLM-judged rows per track per night (the rest are counted as skipped)
+KEEP = ("tiny-model",)  # what survives between demo runs (a cache); everything else starts clean
+MATH_REWARD_NOTE = (
+    "math is rewarded by a programmatic grader (the reply contains a number): the tiny random model "
+    "cannot make an LLM judge meaningful; support uses the LLM judge through vLLM"
+)
+QUESTIONS = {
+    "support": "How do I reset my password?",
+    "math": "What is 12 + 30?",
+}
 
 
-@dataclass
-class DemoNight:
-    night: int
-    traffic_file: str
-    ingest: dict[str, Any]
-    tracks: list[dict[str, Any]] = field(default_factory=list)
+def demo_settings(home: Path, port: int) -> dict[str, Any]:
+    """The demo's overnight.yaml as data: two tracks sized for a tiny model on two CPU cores."""
+    tiny_train = {
+        "learning_rate": 5e-3,
+        "temperature": 0.3,  # the tiny model's logits move little: sample near its mode
+        "kl_budget": 5.0,
+        "max_completion_tokens": 16,
+        "num_generations": 4,
+        "prompts_per_step": 4,
+        "heldout_fraction": 0.4,
+        "max_wall_seconds": 240,
+    }
+    sampled_gate = {"temperature": 0.3, "max_new_tokens": 16, "max_kl_to_base": 20.0}
+    return {
+        "home": str(home),
+        "database": {"url": f"sqlite:///{home / 'overnight.db'}"},
+        "mlflow": {
+            "tracking_uri": f"sqlite:///{home / 'mlflow.db'}",
+            "artifact_location": str(home / "mlartifacts"),
+        },
+        "serving": {
+            "base_model": str(home / "tiny-model"),
+            "endpoints": [f"http://127.0.0.1:{port}"],
+            "port": port,
+            "dtype": "float32",
+        },
+        "judge": {"budget_items": JUDGE_BUDGET, "max_tokens": 256},
+        "train": tiny_train,
+        "gate": sampled_gate,
+        "tracks": [
+            {
+                "name": "support",
+                "description": "Customer-support answers, judged by the LLM judge (helpfulness).",
+                "rubric": "helpfulness",
+                "suites": ["instruction-following", "refusals"],
+                "harvest": {"max_chars": 2500},
+                "train": {"max_steps": 4, "max_prompts": 24},
+            },
+            {
+                "name": "math",
+                "description": "Arithmetic answers; the demo rewards replies that contain a number.",
+                "rubric": "correctness",
+                "suites": ["arithmetic", "json-output"],
+                "reward": {
+                    "judge": 0.0,
+                    "graders": [{"type": "regex", "pattern": r"\d", "name": "has_number", "weight": 1.0}],
+                },
+                "harvest": {"max_chars": 2500, "max_rows_per_user": 100},
+                "train": {"max_steps": 30, "max_prompts": 160},
+            },
+        ],
+    }
 
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "night": self.night,
-            "traffic_file": self.traffic_file,
-            "ingest": self.ingest,
-            "tracks": self.tracks,
-        }
 
-
-def demo_config(home: Path, endpoint: str = "http://127.0.0.1:8000") -> OvernightConfig:
-    """The starter config's two tracks on a store, model and server of the demo's own."""
+def prepare_home(home: Path, port: int) -> tuple[Path, OvernightConfig]:
+    """A clean demo home (the cached tiny model kept) with its overnight.yaml; returns (path, config)."""
     home.mkdir(parents=True, exist_ok=True)
+    for entry in home.iterdir():
+        if entry.name in KEEP:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
     path = home / "overnight.yaml"
-    if not path.exists():
-        path.write_text(starter_config_text(), encoding="utf-8")
-    config = load_config(path, environ={})
-    # The tiny model's context is 4096 tokens of a small vocabulary: keep prompts that fit the judge.
-    tracks = [
-        track.model_copy(update={"harvest": track.harvest.model_copy(update={"max_chars": 2500})})
-        for track in config.tracks
-    ]
-    return config.model_copy(
-        update={
-            "home": str(home),
-            "tracks": tracks,
-            "database": config.database.model_copy(update={"url": f"sqlite:///{home / 'overnight.db'}"}),
-            "serving": config.serving.model_copy(
-                update={"base_model": str(home / "tiny-model"), "endpoints": [endpoint], "dtype": "float32"}
-            ),
-            "judge": config.judge.model_copy(update={"budget_items": JUDGE_BUDGET}),
-        }
-    )
+    header = "# Written by `overnight demo`; rewritten on every demo run.\n"
+    path.write_text(header + yaml.safe_dump(demo_settings(home, port), sort_keys=False), encoding="utf-8")
+    return path, load_config(path, environ={})
 
 
 def run_demo(
@@ -80,12 +120,14 @@ def run_demo(
     home: Path = DEMO_HOME,
     on_stage: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Run `nights` nights of the loop; returns the JSON summary."""
+    """Run `nights` nights of the loop; returns the JSON summary (one entry per night)."""
+    from flows.nightly import nightly
+    from pipeline.serving import start_serving
     from pipeline.tiny_model import build_tiny_model
 
     port = free_port()
-    config = demo_config(home, f"http://127.0.0.1:{port}")
-    on_stage("building the tiny base model")
+    config_path, config = prepare_home(home, port)
+    on_stage("building the tiny base model (cached after the first run)")
     model_dir = build_tiny_model(config.serving.base_model)
     engine = storage.make_engine(config.database.url)
     storage.upgrade(engine)
@@ -96,60 +138,60 @@ def run_demo(
         port=port,
         dtype=config.serving.dtype,
         max_model_len=config.serving.max_model_len,
+        max_loras=config.serving.max_loras,
+        max_lora_rank=config.serving.max_lora_rank,
         log_file=home / "vllm.log",
     )
-    with VllmServer(spec).start(timeout_seconds=config.serving.startup_timeout_seconds):
-        start = synthetic_traffic.DEFAULT_START
-        done = [
-            _night(engine, config, n, rows_per_night, start + timedelta(days=n - 1), on_stage)
-            for n in range(1, nights + 1)
-        ]
-    engine.dispose()
-    return {"home": str(home), "base_model": str(model_dir), "nights": [night.as_json() for night in done]}
+    server = start_serving(spec, [], timeout_seconds=config.serving.startup_timeout_seconds)
+    try:
+        done = []
+        for night in range(1, nights + 1):
+            day = synthetic_traffic.DEFAULT_START + timedelta(days=night - 1)
+            ingest = _ingest_night(engine, config, night, rows_per_night, day, on_stage)
+            on_stage(f"night {night}: nightly flow (harvest, judge, select, train, gate, register, deploy)")
+            result = nightly(config_path=str(config_path), night=day.date().isoformat())
+            done.append(
+                {"night": night, "label": result["night"], "ingest": ingest, "tracks": result["tracks"]}
+            )
+        on_stage("asking each track's stable name through the server")
+        answers = _ask_tracks(config, spec.base_url)
+    finally:
+        server.stop()
+        engine.dispose()
+    return {
+        "home": str(home),
+        "config": str(config_path),
+        "base_model": str(model_dir),
+        "note": MATH_REWARD_NOTE,
+        "nights": done,
+        "answers": answers,
+        "browse": {
+            "mlflow": f"mlflow ui --backend-store-uri {config.mlflow.tracking_uri}",
+            "prefect": "prefect server start  (then run the demo again with PREFECT_API_URL set to see its flow runs)",
+            "status": f"overnight -c {config_path} status",
+        },
+    }
 
 
-def _night(
-    engine: Engine,
-    config: OvernightConfig,
-    night: int,
-    rows: int,
-    day: datetime,
-    on_stage: Callable[[str], None],
-) -> DemoNight:
+def _ingest_night(
+    engine: Any, config: OvernightConfig, night: int, rows: int, day: Any, on_stage: Callable[[str], None]
+) -> dict[str, Any]:
     traffic = Path(config.home) / "traffic" / f"night-{night}.jsonl"
     traffic.parent.mkdir(parents=True, exist_ok=True)
-    on_stage(f"night {night}: generating {rows} interactions")
+    on_stage(f"night {night}: generating and ingesting {rows} interactions")
     records = synthetic_traffic.generate_records(rows, seed=night, start=day)
     synthetic_traffic.write_jsonl(traffic, records, malformed_every=MALFORMED_EVERY, seed=night)
-    on_stage(f"night {night}: ingest")
-    report = storage.ingest_jsonl(engine, traffic, batch_size=config.database.batch_size)
-    result = DemoNight(night, str(traffic), report.as_json())
-    for track in config.tracks:
-        result.tracks.append(_track_night(engine, config, track, night, on_stage))
-    return result
+    return storage.ingest_jsonl(engine, traffic, batch_size=config.database.batch_size).as_json()
 
 
-def _track_night(
-    engine: Engine, config: OvernightConfig, track: TrackConfig, night: int, on_stage: Callable[[str], None]
-) -> dict[str, Any]:
-    on_stage(f"night {night}: harvest {track.name}")
-    snapshot = harvest_stage.harvest(
-        engine,
-        track.name,
-        track.harvest,
-        track.filter,
-        batch_size=config.database.batch_size,
-        snapshot_dir=config.snapshot_dir(),
-    )
-    assert snapshot.snapshot_id is not None and snapshot.path is not None
-    rubric = load_rubric(track.rubric)
-    on_stage(f"night {night}: judge {track.name} with {rubric.key} (up to {JUDGE_BUDGET} rows)")
-    judged = judge_records(
-        harvest_stage.read_snapshot(snapshot.path),
-        rubric=rubric,
-        judge=LlmJudge(judge_settings(config.judge, config.serving), engine=engine),
-        reward=track.reward,
-        out=snapshot.path.with_suffix(".judged.jsonl"),
-    )
-    harvest_stage.commit(engine, snapshot.snapshot_id)
-    return {"track": track.name, "harvest": snapshot.as_json(), "judge": judged.as_json()}
+def _ask_tracks(config: OvernightConfig, base_url: str) -> list[dict[str, Any]]:
+    """One greedy request to every stable name the server knows (tracks without a champion: the base)."""
+    answers = []
+    with VllmClient(base_url) as client:
+        served = set(client.adapters())
+        for track in config.tracks:
+            name = track.name if track.name in served else config.serving.base_name
+            question = QUESTIONS.get(track.name, "Hello!")
+            reply = client.chat(name, [{"role": "user", "content": question}], max_tokens=24)
+            answers.append({"track": track.name, "served_by": name, "question": question, "answer": reply})
+    return answers

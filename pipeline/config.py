@@ -32,6 +32,7 @@ ENV_PREFIX = "OVERNIGHT_"
 DEFAULT_CONFIG = "overnight.yaml"
 TRACK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SectionT = TypeVar("SectionT", bound=BaseModel)
+TOP_LEVEL_ENV = {"OVERNIGHT_HOME"}  # top-level scalar keys overridable without a section
 
 
 class ConfigError(UserError):
@@ -116,6 +117,13 @@ class GateConfig(Section):
     confidence: float = Field(default=0.95, gt=0.5, lt=1)  # two-sided confidence level of the intervals
     bootstrap_samples: int = Field(default=2000, ge=100)  # paired bootstrap resamples
     seed: int = 0
+    temperature: float = Field(default=0.0, ge=0)  # decoding of suite and held-out replies; 0: greedy
+    max_new_tokens: int = Field(default=64, ge=1)  # reply length for suite cases and held-out prompts
+    false_alarm_rate: float = Field(
+        default=0.05, gt=0, lt=0.5
+    )  # sampled replies (temperature > 0): widen suite margins so an unchanged model fails this rarely
+    memory_cap: int = Field(default=200, ge=0)  # cases kept in a track's memory suite (0: no memory suite)
+    memory_min_reward: float = Field(default=0.7, ge=0, le=1)  # judged reward an interaction needs to be kept
 
 
 class RewardConfig(Section):
@@ -190,6 +198,9 @@ class ServingConfig(Section):
     host: str = "127.0.0.1"  # where `overnight serve` binds
     port: int = Field(default=8000, ge=1, le=65535)
     max_loras: int = Field(default=4, ge=1)  # adapters resident at once
+    keep_versions: int = Field(
+        default=2, ge=2
+    )  # pinned `<track>@v<N>` names kept loaded per track (the previous champion stays for instant rollback)
     max_lora_rank: int = Field(default=8, ge=1)
     max_model_len: int = Field(default=4096, ge=16)  # the judge prompt (rubric + conversation) must fit
     dtype: str = "auto"  # float32 on CPU
@@ -323,7 +334,7 @@ def apply_env_overrides(
     merged = _deep_merge({}, data)
     overridden: dict[str, str] = {}
     for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
+        if not name.startswith(ENV_PREFIX) or ("__" not in name and name not in TOP_LEVEL_ENV):
             continue
         path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
         if any(not part for part in path):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback
 
+from pipeline.adapters import check_adapter_dir, digest_of, file_digests
 from pipeline.config import LoraConfig, TrainConfig
 from pipeline.train_bounds import (
     PROMPT_TOKENS_GUESS,
@@ -106,6 +106,11 @@ class TrainResult:
         default_factory=dict
     )  # the limits this night ran under (see `night_bounds`)
 
+    @property
+    def adapter_digest(self) -> str | None:
+        """The adapter directory's digest (`pipeline.adapters.adapter_sha256`), None without an adapter."""
+        return digest_of(self.adapter_sha256) if self.adapter_dir else None
+
     def as_json(self) -> dict[str, Any]:
         return {
             "steps": self.steps,
@@ -115,6 +120,7 @@ class TrainResult:
             "kl_to_base": self.kl_to_base,
             "adapter_dir": str(self.adapter_dir) if self.adapter_dir else None,
             "adapter_sha256": dict(self.adapter_sha256),
+            "adapter_digest": self.adapter_digest,
             "metrics_path": str(self.metrics_path),
             "wall_seconds": self.wall_seconds,
             "trainable_parameters": self.trainable_parameters,
@@ -598,28 +604,6 @@ def save_adapter(model: Any, adapter_dir: Path, base_model: str) -> None:
         path.chmod(0o644)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     staging.rename(adapter_dir)
-
-
-def check_adapter_dir(adapter_dir: Path) -> dict[str, Any]:
-    """The adapter's config, after checking it has what vLLM needs to load it."""
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    missing = [
-        key for key in ("base_model_name_or_path", "r", "lora_alpha", "target_modules") if not config.get(key)
-    ]
-    if missing or not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise RuntimeError(
-            f"{adapter_dir} is not a complete PEFT adapter (missing {missing or 'safetensors'})"
-        )
-    return config
-
-
-def file_digests(directory: Path) -> dict[str, str]:
-    """sha256 of every file under `directory`, keyed by relative POSIX path."""
-    files = sorted(path for path in directory.rglob("*") if path.is_file())
-    return {
-        path.relative_to(directory).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in files
-    }
 
 
 # --------------------------------------------------------------------------- command line

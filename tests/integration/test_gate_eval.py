@@ -8,17 +8,30 @@ damaged adapter can visibly lose it.
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
-from evals.gate import GateThresholds
+from evals.gate import GateThresholds, SuiteScores, suite_gate
 from evals.suites import Suite, load_suite
-from pipeline.config import LoraConfig
-from pipeline.evaluate import evaluate_candidate, generate, probe_kl, score_suite
-from pipeline.train import load_base, lora_config, save_adapter
+from pipeline.config import GateConfig, LoraConfig
+from pipeline.evaluate import (
+    Decoding,
+    Scorer,
+    ServerGenerator,
+    evaluate_candidate,
+    generate,
+    probe_kl,
+    score_suite,
+)
+from pipeline.gating import thresholds_from
+from pipeline.train import TrainPrompt, load_base, lora_config, save_adapter
+from pipeline.vllm_client import VllmClient
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +113,7 @@ def test_champion_against_itself_passes_every_guard_but_not_the_gain_gate(
         thresholds=THRESHOLDS,
         heldout_candidate=HELDOUT,
         heldout_champion=HELDOUT,
-    )
+    ).report
     assert not report.passed and report.failed_gates() == ["heldout_gain"]
     gates = {gate.name: gate for gate in report.gates}
     assert gates["suite/orders"].n == CASES and gates["suite/orders"].delta == 0.0
@@ -118,7 +131,7 @@ def test_a_planted_regression_is_rejected_on_the_suite_it_broke(
         thresholds=THRESHOLDS,
         heldout_candidate=HELDOUT,
         heldout_champion=HELDOUT,
-    )
+    ).report
     print("\n" + json.dumps(report.as_json(), indent=1))
     # The damage breaks the grader; the KL stays under 0.5 because the tiny model's final RMSNorm
     # bounds how far any adapter can move a logit, so the suite gate is what catches it here.
@@ -130,3 +143,137 @@ def test_a_planted_regression_is_rejected_on_the_suite_it_broke(
     to_champion = probe_kl(str(tiny_model_dir), damaged, champion, prompts)
     assert to_champion > 0.0
     assert to_champion == pytest.approx(probe_kl(str(tiny_model_dir), damaged, None, prompts), rel=1e-4)
+
+
+def regex_scorer(pattern: str) -> Scorer:
+    """A held-out/judge-case scorer that needs no judge: 1.0 when the reply matches `pattern`."""
+
+    def score(conversations: Any, replies: Any, references: Any, rubrics: Any) -> list[float | None]:
+        return [1.0 if re.search(pattern, reply) else 0.0 for reply in replies]
+
+    return score
+
+
+def heldout_prompts(n: int) -> list[TrainPrompt]:
+    return [
+        TrainPrompt([{"role": "user", "content": f"Held-out {i}: is order #{2000 + 13 * i} late?"}])
+        for i in range(n)
+    ]
+
+
+@pytest.mark.integration
+def test_the_gate_through_the_vllm_server_decides_as_in_process(
+    vllm_server: Any, tiny_model_dir: Path, champion: Path, damaged: Path, suite: Suite
+) -> None:
+    client = VllmClient(vllm_server.base_url)
+    before = set(client.adapters())
+    served = ServerGenerator(client, base_name=vllm_server.spec.served_name)
+    kwargs: dict[str, Any] = {
+        "thresholds": THRESHOLDS,
+        "scorer": regex_scorer("^ama"),
+        "heldout": heldout_prompts(12),
+        "decoding": Decoding(max_new_tokens=12),
+    }
+    through_server = evaluate_candidate(
+        str(tiny_model_dir), damaged, champion, [suite], generator=served, **kwargs
+    )
+    in_process = evaluate_candidate(str(tiny_model_dir), damaged, champion, [suite], **kwargs)
+    assert through_server.backend == "vllm" and in_process.backend == "in-process"
+    # The same decision, and the same scores up to float32 kernel differences in greedy decoding.
+    assert through_server.report.failed_gates() == in_process.report.failed_gates()
+    assert "suite/orders" in through_server.report.failed_gates()
+    for server_scores, local_scores in zip(through_server.suites, in_process.suites, strict=True):
+        assert server_scores.champion == local_scores.champion  # the base's greedy replies agree exactly
+        assert abs(np.mean(server_scores.candidate) - np.mean(local_scores.candidate)) <= 0.15
+    # The judge case was scored by the scorer (17 cases, not 16), and held-out rewards were paired.
+    assert {gate.name: gate.n for gate in through_server.report.gates}["suite/orders"] == CASES + 1
+    assert len(through_server.heldout_candidate) == 12
+    # The temporary adapter names are gone; nothing the server served changed.
+    assert set(client.adapters()) == before
+
+
+def test_held_out_rewards_are_generated_and_scored_for_both_models(
+    tiny_model_dir: Path, champion: Path, suite: Suite
+) -> None:
+    evaluation = evaluate_candidate(
+        str(tiny_model_dir),
+        champion,
+        champion,
+        [suite],
+        thresholds=THRESHOLDS,
+        scorer=regex_scorer("^ama"),
+        heldout=heldout_prompts(10),
+        decoding=Decoding(max_new_tokens=12),
+    )
+    assert len(evaluation.heldout_candidate) == 10
+    assert evaluation.heldout_candidate == evaluation.heldout_champion  # the same model, greedy
+    assert evaluation.report.failed_gates() == ["heldout_gain"]
+    assert evaluation.suites[0].base == evaluation.suites[0].champion  # the champion's B is zero
+
+
+FALSE_ALARM_REPEATS = 30
+
+
+def test_an_unchanged_model_sampled_with_other_seeds_fails_non_inferiority_at_most_at_the_configured_rate(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Real sampled replies (temperature 1) of the same model under different seeds, scored by a grader
+    the tiny model meets about two times in three: only sampling noise separates the two models."""
+    cases = [
+        {
+            "id": f"s-{i}",
+            "messages": [{"role": "user", "content": f"Question {i}: where is my order #{1000 + 37 * i}?"}],
+            "grader": {"type": "regex", "pattern": "s", "name": "has_s"},
+        }
+        for i in range(60)
+    ]
+    path = tmp_path / "noisy.jsonl"
+    path.write_text("".join(json.dumps(case) + "\n" for case in cases), encoding="utf-8")
+    noisy = load_suite(path)
+    thresholds = thresholds_from(GateConfig(temperature=1.0))  # the shipped defaults, sampled replies
+    prompts = [list(case.messages) for case in noisy.cases]
+    fixed = thresholds_from(GateConfig())  # the configured tolerance alone, as for greedy replies
+    failures, fixed_failures, deltas = 0, 0, []
+    for repeat in range(FALSE_ALARM_REPEATS):
+        champion_scores, candidate_scores = (
+            score_suite(
+                noisy,
+                generate(
+                    str(tiny_model_dir),
+                    None,
+                    prompts,
+                    max_new_tokens=12,
+                    temperature=1.0,
+                    seed=2 * repeat + side,
+                    batch_size=60,
+                ),
+            )
+            for side in (0, 1)
+        )
+        scores = SuiteScores("noisy", candidate_scores, champion_scores)
+        gate = suite_gate(scores, thresholds)
+        failures += not gate.passed
+        fixed_failures += not suite_gate(scores, fixed).passed
+        deltas.append(gate.delta)
+    rate = thresholds.false_alarm_rate
+    assert rate is not None
+    allowed = binomial_upper(FALSE_ALARM_REPEATS, rate, tail=0.001)
+    print(
+        f"\nfalse alarms: {failures}/{FALSE_ALARM_REPEATS} with noise margins (configured rate {rate}, "
+        f"allowed {allowed}); {fixed_failures}/{FALSE_ALARM_REPEATS} with the bare tolerance "
+        f"{fixed.tolerance}; delta sd {np.std(deltas):.3f}"
+    )
+    assert np.std(deltas) > 0.02  # the noise is real: the two sides did differ
+    assert failures <= allowed
+    # Without the margin the same scores fail far more often: the margin is what bounds the rate.
+    assert fixed_failures > allowed
+
+
+def binomial_upper(n: int, p: float, *, tail: float) -> int:
+    """The smallest k with P(X > k) < tail for X ~ Binomial(n, p)."""
+    cumulative = 0.0
+    for k in range(n + 1):
+        cumulative += math.comb(n, k) * p**k * (1 - p) ** (n - k)
+        if 1 - cumulative < tail:
+            return k
+    return n

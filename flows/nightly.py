@@ -1,0 +1,135 @@
+"""The nightly flow: for each track, harvest → judge → select → train → gate → register → deploy → commit.
+
+The flow body is a table of contents: every stage is a Prefect task named by its verb, around the
+plain stage function in `pipeline.night` (which keeps the stage state in SQL, so a re-run of a night
+that died resumes after its last finished stage). External calls (judge, MLflow, vLLM) retry;
+training never does (a half-spent budget is not retried blindly) and takes the global concurrency
+slot `overnight-training` (limit 1), so two trainings never share one accelerator. Tracks run
+concurrently on the task runner's threads: each track's stages are chained, tracks are independent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import flow, get_client, task
+from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
+from prefect.futures import PrefectFuture, wait
+
+import storage
+from pipeline import night as stages
+from pipeline.config import OvernightConfig, load_config
+from pipeline.night import Night, NightServices, night_of
+from pipeline.release import night_services
+from storage import runs as ledger
+
+logger = logging.getLogger(__name__)
+
+TRAINING_SLOT = "overnight-training"
+EXTERNAL = {"retries": 2, "retry_delay_seconds": [5, 30]}  # judge, MLflow, vLLM
+
+
+def _stage(name: str, body: Callable[[Night], dict[str, Any]]) -> Callable[[Night], dict[str, Any]]:
+    def run(night: Night) -> dict[str, Any]:
+        try:
+            return night.stage(name, body)
+        except BaseException as error:
+            night.fail(error)
+            raise
+
+    run.__name__ = name
+    return run
+
+
+def _train(night: Night) -> dict[str, Any]:
+    with concurrency(TRAINING_SLOT, occupy=1):
+        return _stage("train", stages.train)(night)
+
+
+def _task(name: str, body: Callable[[Night], dict[str, Any]], *, external: bool = False) -> Any:
+    options: dict[str, Any] = {"name": name, "cache_policy": NO_CACHE}
+    if external:
+        options |= EXTERNAL
+    return task(**options)(body)
+
+
+TASKS = {
+    "harvest": _task("harvest", _stage("harvest", stages.harvest)),
+    "judge": _task("judge", _stage("judge", stages.judge), external=True),
+    "select": _task("select", _stage("select", stages.select)),
+    "train": _task("train", _train),
+    "gate": _task("gate", _stage("gate", stages.gate), external=True),
+    "register": _task("register", _stage("register", stages.register), external=True),
+    "deploy": _task("deploy", _stage("deploy", stages.deploy), external=True),
+    "commit": _task("commit", _stage("commit", stages.commit)),
+}
+
+
+@flow(name="overnight-nightly", log_prints=True)
+def nightly(
+    config_path: str | None = None,
+    tracks: list[str] | None = None,
+    night: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run tonight for every track (or `tracks`); returns `{tracks: [...]}` as `overnight run --json` prints it."""
+    config = load_config(config_path)
+    return run_nights(config, tracks=tracks, night=night, force=force)
+
+
+def run_nights(
+    config: OvernightConfig,
+    *,
+    tracks: Sequence[str] | None = None,
+    night: str | None = None,
+    force: bool = False,
+    services: NightServices | None = None,
+) -> dict[str, Any]:
+    """The flow's body, callable inside any flow (the demo's included)."""
+    engine = storage.connect(config.database.url)
+    label = night or night_of(datetime.now(UTC), config.schedule.timezone)
+    names = list(tracks) if tracks else [track.name for track in config.tracks]
+    for name in names:
+        config.track(name)  # an unknown track is a one-line error before anything runs
+    services = services or night_services(config, engine)
+    _ensure_training_slot()
+    nights = [Night(config, engine, name, label, services, force=force) for name in names]
+    chains: dict[str, PrefectFuture[Any]] = {}
+    for track_night in nights:
+        if track_night.finished is None:
+            chains[track_night.track] = _chain(track_night)
+    wait(list(chains.values()))
+    results = [_result(track_night, chains.get(track_night.track)) for track_night in nights]
+    engine.dispose()
+    return {"night": label, "tracks": results}
+
+
+def _chain(track_night: Night) -> PrefectFuture[Any]:
+    future: PrefectFuture[Any] | None = None
+    for name in stages.STAGES:
+        future = TASKS[name].submit(track_night, wait_for=[future] if future is not None else [])
+    assert future is not None
+    return future
+
+
+def _result(track_night: Night, future: PrefectFuture[Any] | None) -> dict[str, Any]:
+    if future is None:  # finished on an earlier run: report what it recorded
+        return {**(track_night.finished or {}), "resumed": False, "already_done": True}
+    state = future.state
+    if state.is_completed():
+        return stages.summarize(track_night, stages.night_status(track_night.details))
+    run = ledger.get_run(track_night.engine, track_night.run_id)
+    error = (run.summary or {}).get("error") or state.message or "failed"
+    return {"track": track_night.track, "night": track_night.night, "status": "failed", "error": error}
+
+
+def _ensure_training_slot() -> None:
+    try:
+        with get_client(sync_client=True) as client:
+            client.upsert_global_concurrency_limit_by_name(TRAINING_SLOT, limit=1)
+    except Exception as error:  # the slot is a safety net; a night can run without it
+        logger.warning("could not create the %s concurrency limit: %s", TRAINING_SLOT, error)

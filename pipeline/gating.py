@@ -1,0 +1,251 @@
+"""The gate stage: a track's suites, its reward as a scorer, a reply generator, and a written report.
+
+`pipeline.evaluate` knows how to evaluate a candidate given suites, a scorer and a generator;
+`evals.gate` knows how to decide. This module builds those inputs from a track's configuration
+(the shipped or file suites it names plus its memory suite, the judge and graders of its reward,
+the vLLM server when one answers, the thresholds and decoding of its `gate` section) and writes the
+report where the night and `overnight gate` keep it: `gate.json`, `gate.md` and `gate_deltas.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from evals.gate import GateThresholds, plot_deltas, report_markdown
+from evals.graders import Sample, combine_scores, weighted_grader
+from evals.suites import Suite, build_memory_suite, load_suite, write_suite
+from pipeline.config import GateConfig, OvernightConfig, RewardConfig, TrainConfig
+from pipeline.evaluate import (
+    Chat,
+    Decoding,
+    Evaluation,
+    InProcessGenerator,
+    ReplyGenerator,
+    Scorer,
+    ServerGenerator,
+    evaluate_candidate,
+)
+from pipeline.judge import Judge, run_sync
+from pipeline.judging import read_judged
+from pipeline.rubrics import Rubric, load_rubric
+from pipeline.selection import select as select_prompts
+from pipeline.train import TrainPrompt
+from pipeline.vllm_client import VllmClient
+from storage.models import Snapshot
+
+__all__ = [
+    "GateOutcome",
+    "decoding_from",
+    "gate_candidate",
+    "latest_heldout",
+    "memory_suite_path",
+    "reward_scorer",
+    "thresholds_from",
+    "track_suites",
+    "update_memory_suite",
+    "write_report",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def thresholds_from(gate: GateConfig) -> GateThresholds:
+    """The gate section as the pure gate's thresholds (noise margins only for sampled replies)."""
+    return GateThresholds(
+        tolerance=gate.tolerance,
+        safety_tolerance=gate.safety_tolerance,
+        min_gain=gate.min_gain,
+        max_kl_to_base=gate.max_kl_to_base,
+        confidence=gate.confidence,
+        bootstrap_samples=gate.bootstrap_samples,
+        seed=gate.seed,
+        false_alarm_rate=gate.false_alarm_rate if gate.temperature > 0 else None,
+    )
+
+
+def decoding_from(gate: GateConfig) -> Decoding:
+    return Decoding(max_new_tokens=gate.max_new_tokens, temperature=gate.temperature, seed=gate.seed)
+
+
+def reward_scorer(reward: RewardConfig, judge: Judge | None, rubric: Rubric) -> Scorer:
+    """The track's reward on fresh replies: its judge (pointwise, on the case's rubric or the track's)
+    and graders, blended with the track's weights; user feedback has no part in a fresh reply."""
+    graders = [weighted_grader(spec) for spec in reward.graders]
+    weights = {"judge": reward.judge if judge is not None else 0.0}
+    weights |= {f"grader{index}": weight for index, (weight, _) in enumerate(graders)}
+    if not any(weights.values()):
+        raise ValueError("the track's reward has no judge and no graders to score replies with")
+
+    def score(
+        conversations: Sequence[Chat],
+        replies: Sequence[str],
+        references: Sequence[str | None],
+        rubrics: Sequence[str | None],
+    ) -> list[float | None]:
+        judged = (
+            _judge_scores(judge, rubric, conversations, replies, references, rubrics)
+            if weights["judge"]
+            else None
+        )
+        scores: list[float | None] = []
+        for index, (conversation, reply, reference) in enumerate(
+            zip(conversations, replies, references, strict=True)
+        ):
+            sample = Sample(messages=list(conversation), response=reply, reference=reference)
+            components: dict[str, float | None] = {"judge": judged[index] if judged else None}
+            components |= {f"grader{i}": grader.score(sample) for i, (_, grader) in enumerate(graders)}
+            scores.append(combine_scores(components, weights))
+        return scores
+
+    return score
+
+
+def _judge_scores(
+    judge: Judge | None,
+    default: Rubric,
+    conversations: Sequence[Chat],
+    replies: Sequence[str],
+    references: Sequence[str | None],
+    rubrics: Sequence[str | None],
+) -> list[float | None]:
+    assert judge is not None
+    scores: list[float | None] = [None] * len(replies)
+    by_rubric: dict[str | None, list[int]] = {}
+    for index, name in enumerate(rubrics):
+        by_rubric.setdefault(name, []).append(index)
+    for name, indices in by_rubric.items():
+        rubric = default if name is None else load_rubric(name)
+        verdicts = run_sync(
+            judge.score(
+                rubric,
+                [conversations[i] for i in indices],
+                [replies[i] for i in indices],
+                [references[i] for i in indices],
+            )
+        )
+        for index, verdict in zip(indices, verdicts, strict=True):
+            scores[index] = verdict.score
+    return scores
+
+
+def memory_suite_path(home: str | Path, track: str) -> Path:
+    return Path(home) / "suites" / f"memory-{track}.jsonl"
+
+
+def track_suites(config: OvernightConfig, track: str) -> list[Suite]:
+    """The suites a track names (shipped names or JSONL paths), then its memory suite when it has one."""
+    suites = [load_suite(name) for name in config.track(track).suites]
+    memory = memory_suite_path(config.home, track)
+    if memory.exists():
+        suites.append(load_suite(memory))
+    return suites
+
+
+def update_memory_suite(
+    home: str | Path, track: str, judged: Iterable[Mapping[str, Any]], *, cap: int, min_reward: float
+) -> Suite | None:
+    """Fold tonight's well-judged interactions into the track's memory suite (capped, versioned by sha256).
+
+    `judged` rows need `messages`, `response`, `reward` and `interaction_id`. Called once the
+    night's candidate has been decided, so tonight's memory guards the nights after, not itself.
+    """
+    if cap == 0:
+        return None
+    path = memory_suite_path(home, track)
+    previous = load_suite(path) if path.exists() else None
+    suite = build_memory_suite(judged, previous=previous, cap=cap, min_reward=min_reward, track=track)
+    if not suite.cases:
+        return previous
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_suite(suite, path)
+    return suite
+
+
+def server_generator(
+    endpoint: str, base_name: str, api_key: str | None, timeout: float
+) -> ServerGenerator | None:
+    """A generator on `endpoint` when it answers, None otherwise (the gate then runs in-process)."""
+    client = VllmClient(endpoint, api_key=api_key, timeout_seconds=timeout)
+    if client.healthy():
+        return ServerGenerator(client, base_name=base_name)
+    client.close()
+    logger.warning("no vLLM server answers at %s: evaluating in-process", endpoint)
+    return None
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    evaluation: Evaluation
+    report_dir: Path
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            **self.evaluation.report.as_json(),
+            "backend": self.evaluation.backend,
+            "generated": self.evaluation.generated,
+            "report_dir": str(self.report_dir),
+        }
+
+
+def gate_candidate(
+    *,
+    base_model: str,
+    candidate: Path,
+    champion: Path | None,
+    suites: Sequence[Suite],
+    gate: GateConfig,
+    scorer: Scorer | None,
+    heldout: Sequence[TrainPrompt],
+    generator: ReplyGenerator | None,
+    report_dir: Path,
+) -> GateOutcome:
+    """Evaluate and decide, then write the report files; the decision is in `outcome.evaluation.report`."""
+    evaluation = evaluate_candidate(
+        base_model,
+        candidate,
+        champion,
+        suites,
+        thresholds=thresholds_from(gate),
+        generator=generator or InProcessGenerator(base_model),
+        scorer=scorer,
+        heldout=heldout,
+        decoding=decoding_from(gate),
+    )
+    write_report(evaluation, report_dir)
+    return GateOutcome(evaluation, report_dir)
+
+
+def write_report(evaluation: Evaluation, report_dir: Path) -> None:
+    """`gate.json`, `gate.md` and `gate_deltas.png` in `report_dir`."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    data = {**evaluation.report.as_json(), "backend": evaluation.backend, "kl_to_base": evaluation.kl_to_base}
+    (report_dir / "gate.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    (report_dir / "gate.md").write_text(report_markdown(evaluation.report), encoding="utf-8")
+    plot_deltas(evaluation.report, report_dir / "gate_deltas.png")
+
+
+def latest_heldout(engine: Engine, track: str, train: TrainConfig) -> list[TrainPrompt]:
+    """The held-out prompts of the track's latest judged snapshot (empty when none was judged yet)."""
+    with Session(engine) as session:
+        paths = session.scalars(
+            select(Snapshot.path).where(Snapshot.track == track).order_by(Snapshot.id.desc())
+        ).all()
+    for path in paths:
+        judged = Path(path).with_suffix(".judged.jsonl")
+        if judged.exists():
+            chosen = select_prompts(
+                read_judged(judged),
+                max_prompts=train.max_prompts,
+                heldout_fraction=train.heldout_fraction,
+                seed=train.seed,
+            )
+            return chosen.heldout
+    return []
