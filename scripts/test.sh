@@ -9,4 +9,5 @@ cd "$root"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/pyright
+bash scripts/check_compose.sh   # docker-compose config -q (installs Debian's docker-compose when missing)
 exec .venv/bin/python -m pytest "$@"
