@@ -304,6 +304,7 @@ def gate(night: Night) -> dict[str, Any]:
     )
     run = night.mlflow()
     run.log_gate(outcome.evaluation.report)
+    run.log_adapter(Path(trained["adapter_dir"]))  # kept with the run whether or not it is promoted
     return outcome.as_json()
 
 
@@ -318,7 +319,6 @@ def register(night: Night) -> dict[str, Any]:
             return {"version": info.version, "reused": True}
     trained = night.details["train"]
     run = night.mlflow()
-    run.log_adapter(Path(trained["adapter_dir"]))
     tags = {
         "overnight_run": key,
         "night": night.night,

@@ -236,3 +236,31 @@ def test_plot_writes_a_png_even_with_unbounded_intervals(tmp_path: Path) -> None
     path = plot_deltas(decide_with(suites), tmp_path / "plots" / "gate.png")
     data = path.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5_000
+
+
+def test_noise_margins_bound_false_alarms_of_an_unchanged_sampled_model() -> None:
+    """Simulated sampled replies: both sides pass each case with p = 0.6 independently."""
+    from evals.gate import noise_margin
+
+    rng = np.random.default_rng(0)
+    widened = GateThresholds(tolerance=0.02, false_alarm_rate=0.05, bootstrap_samples=400)
+    bare = GateThresholds(tolerance=0.02, bootstrap_samples=400)
+    trials, failures, bare_failures = 200, 0, 0
+    for trial in range(trials):
+        champion = (rng.random(80) < 0.6).astype(float).tolist()
+        candidate = (rng.random(80) < 0.6).astype(float).tolist()
+        scores = SuiteScores("s", candidate, champion)
+        gate = suite_gate(scores, GateThresholds(**{**widened.__dict__, "seed": trial}))
+        failures += not gate.passed
+        bare_failures += not suite_gate(scores, GateThresholds(**{**bare.__dict__, "seed": trial})).passed
+        assert gate.widened and gate.threshold < -0.02
+    assert failures / trials <= 0.09  # 5% configured, binomial slack for 200 trials
+    assert bare_failures / trials >= 0.5  # the bare tolerance cannot be resolved by 80 noisy cases
+
+
+def test_a_real_regression_still_fails_with_noise_margins() -> None:
+    rng = np.random.default_rng(1)
+    champion = (rng.random(200) < 0.8).astype(float).tolist()
+    candidate = (rng.random(200) < 0.4).astype(float).tolist()
+    gate = suite_gate(SuiteScores("s", candidate, champion), GateThresholds(false_alarm_rate=0.05))
+    assert not gate.passed and gate.widened
