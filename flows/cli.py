@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -108,6 +109,10 @@ def _global(
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    # Prefect reads these when first imported (by `run`, `schedule`, `demo`): quiet unless -v, no telemetry.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     ctx.obj = {"config": config, "json": json_output, "verbose": verbose}
 
 
@@ -424,4 +429,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m flows.cli`: run the app of the imported module, where the release commands registered.
+    from flows.cli import main as cli_main
+
+    cli_main()

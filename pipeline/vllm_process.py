@@ -2,7 +2,8 @@
 
 One place knows how vLLM must be launched on this project's machines: `python -m
 vllm.entrypoints.openai.api_server` (the CPU build's console script is broken), runtime LoRA updating
-on, a KV-cache size for CPU, no hub access. Used by `overnight serve`, the demo and the integration
+on, a KV-cache size for CPU, no hub access, and vLLM's dev endpoints on (`VLLM_SERVER_DEV_MODE=1`) so
+that a hot-swap can call `POST /reset_prefix_cache`. Used by `overnight serve`, the demo and the integration
 tests; the pipeline itself only talks to servers over HTTP.
 """
 
@@ -41,6 +42,7 @@ class ServerSpec:
     extra_args: tuple[str, ...] = ()
     log_file: Path | None = None  # server output goes here (default: discarded after start-up)
     env: dict[str, str] = field(default_factory=dict)
+    api_key: str | None = None  # clients must send it as a Bearer token (`--api-key`); None: open
 
     @property
     def base_url(self) -> str:
@@ -77,6 +79,8 @@ def server_command(spec: ServerSpec) -> list[str]:
     command.append("--enable-prefix-caching" if spec.prefix_caching else "--no-enable-prefix-caching")
     # Constrained JSON without free whitespace: a judge cannot pad an answer until max_tokens cuts it.
     command += ["--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
+    if spec.api_key:
+        command += ["--api-key", spec.api_key]
     return [*command, *spec.extra_args]
 
 
@@ -89,6 +93,8 @@ def server_env(spec: ServerSpec) -> dict[str, str]:
         TRANSFORMERS_OFFLINE="1",
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",
+        # Registers the dev routers, among them `POST /reset_prefix_cache`, which a hot-swap calls.
+        VLLM_SERVER_DEV_MODE="1",
     )
     env.update(spec.env)
     return env
@@ -138,7 +144,7 @@ class VllmServer:
             if self._process is not None and self._process.poll() is not None:
                 where = f"; see {self.spec.log_file}" if self.spec.log_file else ""
                 raise UserError(f"vLLM exited with code {self._process.returncode} during start-up{where}")
-            if server_ready(self.base_url, self.spec.served_name):
+            if server_ready(self.base_url, self.spec.served_name, api_key=self.spec.api_key):
                 return
             time.sleep(1.0)
         raise UserError(f"vLLM did not become ready on {self.base_url} within {timeout_seconds:.0f}s")
@@ -156,6 +162,15 @@ class VllmServer:
             self._log_handle.close()  # type: ignore[union-attr]
         self._log_handle = None
 
+    def wait(self, timeout_seconds: float | None = None) -> int | None:
+        """Block until the server process exits (its exit code) or `timeout_seconds` pass (None)."""
+        if self._process is None:
+            return None
+        try:
+            return self._process.wait(timeout_seconds)
+        except subprocess.TimeoutExpired:
+            return None
+
     def __enter__(self) -> VllmServer:
         return self.start() if self._process is None else self
 
@@ -163,10 +178,11 @@ class VllmServer:
         self.stop()
 
 
-def server_ready(base_url: str, served_name: str) -> bool:
+def server_ready(base_url: str, served_name: str, *, api_key: str | None = None) -> bool:
     """True when the server answers /v1/models and lists the base model."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = httpx.get(f"{base_url}/v1/models", timeout=2.0)
+        response = httpx.get(f"{base_url}/v1/models", timeout=2.0, headers=headers)
     except httpx.HTTPError:
         return False
     if response.status_code != 200:
