@@ -152,6 +152,18 @@ class GateReport:
             "skipped": list(self.skipped),
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GateReport:
+        """The report back from `as_json()` (unbounded interval ends, stored as null, come back as None)."""
+        fields = GateResult.__dataclass_fields__
+        gates = tuple(GateResult(**{k: v for k, v in gate.items() if k in fields}) for gate in data["gates"])
+        return cls(
+            passed=bool(data["passed"]),
+            gates=gates,
+            confidence=float(data.get("confidence", 0.95)),
+            skipped=tuple(data.get("skipped", ())),
+        )
+
     def as_metrics(self, prefix: str = "gate/") -> dict[str, float]:
         """Flat finite metrics for MLflow, e.g. `gate/suite/arithmetic/delta`, `gate/passed`."""
         metrics = {f"{prefix}passed": float(self.passed)}

@@ -403,6 +403,8 @@ def _judge_table(tracks: list[dict[str, Any]], title: str) -> Table:
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
     return f"{value:.3f}" if isinstance(value, float) and not value.is_integer() else str(int(value))
 
 

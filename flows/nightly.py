@@ -30,6 +30,7 @@ from storage import runs as ledger
 logger = logging.getLogger(__name__)
 
 TRAINING_SLOT = "overnight-training"
+TRAINING_LEASE_SECONDS = 60
 EXTERNAL = {"retries": 2, "retry_delay_seconds": [5, 30]}  # judge, MLflow, vLLM
 
 
@@ -46,7 +47,9 @@ def _stage(name: str, body: Callable[[Night], dict[str, Any]]) -> Callable[[Nigh
 
 
 def _train(night: Night) -> dict[str, Any]:
-    with concurrency(TRAINING_SLOT, occupy=1):
+    # The lease is renewed while training runs; a process killed mid-training frees the slot when
+    # its lease lapses (TRAINING_LEASE_SECONDS, the server's minimum), so a re-run is not blocked long.
+    with concurrency(TRAINING_SLOT, occupy=1, lease_duration=TRAINING_LEASE_SECONDS):
         return _stage("train", stages.train)(night)
 
 

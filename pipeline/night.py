@@ -27,6 +27,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from evals.gate import GateReport
 from pipeline import gating
 from pipeline import harvest as harvest_stage
 from pipeline.adapters import AdapterVersion, file_digests, file_sha256
@@ -34,7 +35,7 @@ from pipeline.config import OvernightConfig, TrackConfig
 from pipeline.evaluate import ReplyGenerator
 from pipeline.judge import Judge, LlmJudge
 from pipeline.judging import judge_records, judge_settings, read_judged
-from pipeline.registry import Registry
+from pipeline.registry import Registry, version_tags
 from pipeline.rewards import reward_functions
 from pipeline.rubrics import load_rubric
 from pipeline.selection import select as select_prompts
@@ -322,16 +323,14 @@ def register(night: Night) -> dict[str, Any]:
     tags = {
         "overnight_run": key,
         "night": night.night,
-        "base_model": night.config.base_model_for(night.track),
-        "dataset_sha256": night.details["harvest"]["sha256"],
-        "judge_model": str(night.details["judge"].get("judge_model")),
-        "rubric": night.details["judge"]["rubric"],
-        "stop_reason": trained["stop_reason"],
-        "gate": "passed",
-        **{
-            f"gate.{g['name']}": f"{g['delta']:+.3f}" if g.get("delta") is not None else f"{g['metric']:.3f}"
-            for g in decided["gates"]
-        },
+        **version_tags(
+            gate=GateReport.from_json(decided),
+            base_model=night.config.base_model_for(night.track),
+            dataset_sha256=night.details["harvest"]["sha256"],
+            judge_model=str(night.details["judge"].get("judge_model")),
+            rubric_version=night.details["judge"]["rubric"],
+            stop_reason=trained["stop_reason"],
+        ),
     }
     version = registry.register(night.track, Path(trained["adapter_dir"]), run_id=run.run_id, tags=tags)
     ledger.set_run_fields(night.engine, night.run_id, candidate_version=str(version))

@@ -10,8 +10,10 @@ committed snapshot and one MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -169,15 +171,25 @@ def test_a_night_promotes_registers_and_hot_swaps_then_is_not_repeated(
     assert {"adapter", "gate.md", "gate.json", "plots", "rubric.md"} <= artifacts
 
 
-def run_cli(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "-c", str(config), "run", "--night", NIGHT, "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=Path(__file__).resolve().parents[2],
-    )
+def run_cli(config: Path, env: dict[str, str], logs: Path) -> tuple[int, str, str]:
+    """`overnight run` in its own process group; whatever it started is killed with it afterwards,
+    as a machine restart would (the ephemeral Prefect API server outlives an abruptly killed parent)."""
+    out, err = logs.with_suffix(".out"), logs.with_suffix(".err")
+    with out.open("w") as stdout, err.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "-c", str(config), "run", "--night", NIGHT, "--json"],
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=Path(__file__).resolve().parents[2],
+            start_new_session=True,
+        )
+        try:
+            code = process.wait(timeout=600)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    return code, out.read_text(), err.read_text()
 
 
 def test_killed_in_each_stage_in_turn_the_night_resumes_and_completes_exactly_once(
@@ -197,13 +209,15 @@ def test_killed_in_each_stage_in_turn_the_night_resumes_and_completes_exactly_on
     }
     base_env.pop("PREFECT_API_URL", None)
     for stage in STAGES:
-        killed = run_cli(config, {**base_env, "OVERNIGHT_CRASH_AT": stage})
-        assert killed.returncode == 137, f"{stage}: {killed.returncode}\n{killed.stderr[-3000:]}"
+        code, _, stderr = run_cli(
+            config, {**base_env, "OVERNIGHT_CRASH_AT": stage}, tmp_path / f"crash-{stage}"
+        )
+        assert code == 137, f"{stage}: exit {code}\n{stderr[-3000:]}"
         done = counts(database_url, track)["stages"]
         assert stage not in done, f"{stage} was recorded although the process died before recording it"
-    final = run_cli(config, base_env)
-    assert final.returncode == 0, final.stderr[-3000:]
-    (entry,) = json.loads(final.stdout)["tracks"]
+    code, stdout, stderr = run_cli(config, base_env, tmp_path / "final")
+    assert code == 0, stderr[-3000:]
+    (entry,) = json.loads(stdout)["tracks"]
     # The last crash came after the commit stage's side effects: the night had already finished.
     assert entry["status"] == "promoted" and entry["version"] == 1
 

@@ -240,7 +240,6 @@ def test_plot_writes_a_png_even_with_unbounded_intervals(tmp_path: Path) -> None
 
 def test_noise_margins_bound_false_alarms_of_an_unchanged_sampled_model() -> None:
     """Simulated sampled replies: both sides pass each case with p = 0.6 independently."""
-    from evals.gate import noise_margin
 
     rng = np.random.default_rng(0)
     widened = GateThresholds(tolerance=0.02, false_alarm_rate=0.05, bootstrap_samples=400)

@@ -71,7 +71,7 @@ def test_status_reports_unreachable_endpoints_and_no_versions(workdir: Path) -> 
 def test_schedule_checks_cron_and_time_zone() -> None:
     schedule = nightly_schedule("0 2 * * *", "Europe/Paris")
     assert schedule.cron == "0 2 * * *" and schedule.timezone == "Europe/Paris"
-    with pytest.raises(ConfigError, match="schedule.cron: '61 2 \\* \\* \\*' is not a valid cron"):
+    with pytest.raises(ConfigError, match=r"schedule\.cron: '61 2 \* \* \*' is not a valid cron"):
         nightly_schedule("61 2 * * *", "UTC")
     with pytest.raises(ConfigError, match="unknown time zone 'Mars/Olympus'"):
         nightly_schedule("0 2 * * *", "Mars/Olympus")
