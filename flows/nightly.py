@@ -3,21 +3,23 @@
 The flow body is a table of contents: every stage is a Prefect task named by its verb, around the
 plain stage function in `pipeline.night` (which keeps the stage state in SQL, so a re-run of a night
 that died resumes after its last finished stage). External calls (judge, MLflow, vLLM) retry;
-training never does (a half-spent budget is not retried blindly) and takes the global concurrency
-slot `overnight-training` (limit 1), so two trainings never share one accelerator. Tracks run
+training never does (a half-spent budget is not retried blindly) and takes the machine's training
+slot (`training_slot`), so two trainings never share one accelerator. Tracks run
 concurrently on the task runner's threads: each track's stages are chained, tracks are independent.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_client, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.sync import concurrency
 from prefect.futures import PrefectFuture, wait
 
 import storage
@@ -29,8 +31,6 @@ from storage import runs as ledger
 
 logger = logging.getLogger(__name__)
 
-TRAINING_SLOT = "overnight-training"
-TRAINING_LEASE_SECONDS = 60
 EXTERNAL = {"retries": 2, "retry_delay_seconds": [5, 30]}  # judge, MLflow, vLLM
 
 
@@ -46,10 +46,32 @@ def _stage(name: str, body: Callable[[Night], dict[str, Any]]) -> Callable[[Nigh
     return run
 
 
+@contextmanager
+def training_slot(home: str) -> Iterator[None]:
+    """The machine's one training slot: an exclusive lock on `<home>/locks/training.lock`.
+
+    Two trainings on one machine would share its accelerator, so they queue here, across tracks,
+    flows and processes. The kernel releases the lock when its process dies, so a night killed in
+    the middle of training never leaves the slot taken (Prefect's global concurrency slots are
+    leased by the API server; with a temporary server that dies with the flow, the kill test showed
+    the slot stay occupied forever).
+    """
+    path = Path(home) / "locks" / "training.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("waiting for the training slot (%s): another training is running", path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _train(night: Night) -> dict[str, Any]:
-    # The lease is renewed while training runs; a process killed mid-training frees the slot when
-    # its lease lapses (TRAINING_LEASE_SECONDS, the server's minimum), so a re-run is not blocked long.
-    with concurrency(TRAINING_SLOT, occupy=1, lease_duration=TRAINING_LEASE_SECONDS):
+    with training_slot(night.config.home):
         return _stage("train", stages.train)(night)
 
 
@@ -99,7 +121,6 @@ def run_nights(
     for name in names:
         config.track(name)  # an unknown track is a one-line error before anything runs
     services = services or night_services(config, engine)
-    _ensure_training_slot()
     nights = [Night(config, engine, name, label, services, force=force) for name in names]
     chains: dict[str, PrefectFuture[Any]] = {}
     for track_night in nights:
@@ -128,11 +149,3 @@ def _result(track_night: Night, future: PrefectFuture[Any] | None) -> dict[str, 
     run = ledger.get_run(track_night.engine, track_night.run_id)
     error = (run.summary or {}).get("error") or state.message or "failed"
     return {"track": track_night.track, "night": track_night.night, "status": "failed", "error": error}
-
-
-def _ensure_training_slot() -> None:
-    try:
-        with get_client(sync_client=True) as client:
-            client.upsert_global_concurrency_limit_by_name(TRAINING_SLOT, limit=1)
-    except Exception as error:  # the slot is a safety net; a night can run without it
-        logger.warning("could not create the %s concurrency limit: %s", TRAINING_SLOT, error)
