@@ -246,7 +246,24 @@ def noise_margin(interval: Interval, thresholds: GateThresholds) -> float | None
 
 
 def heldout_gate(candidate: Scores, champion: Scores, thresholds: GateThresholds) -> GateResult:
-    """The gain on held-out judged reward: lower bound of candidate - champion > min_gain."""
+    """The gain on held-out judged reward: lower bound of candidate - champion > min_gain.
+
+    Without any held-out pair (no night judged yet, or every judgment failed) there is no evidence
+    of a gain: the gate fails with n = 0.
+    """
+    if len(candidate) == 0 or len(champion) == 0:
+        return GateResult(
+            name=HELDOUT_GATE,
+            kind="gain",
+            passed=False,
+            metric=math.nan,
+            delta=None,
+            ci_low=None,
+            ci_high=None,
+            threshold=thresholds.min_gain,
+            n=0,
+            method=None,
+        )
     interval = _interval(candidate, champion, thresholds)
     return GateResult(
         name=HELDOUT_GATE,
@@ -290,7 +307,7 @@ def decide(
     """Every gate on the given scores; suites with no cases are listed in `skipped`, not gated.
 
     Held-out rewards are per prompt, paired like suite scores (prompts whose judgment failed for
-    either model left out by the caller); at least one pair is required.
+    either model left out by the caller); with none, the gain gate fails (n = 0).
     """
     names = [scores.suite for scores in suites]
     duplicated = sorted({name for name in names if names.count(name) > 1})

@@ -277,3 +277,55 @@ def binomial_upper(n: int, p: float, *, tail: float) -> int:
         if 1 - cumulative < tail:
             return k
     return n
+
+
+def test_overnight_gate_refuses_the_damaged_adapter_and_writes_the_report(
+    tiny_model_dir: Path,
+    champion: Path,
+    damaged: Path,
+    suite: Suite,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    suite_file = write_suite_file(tmp_path / "orders.jsonl")
+    config = tmp_path / "overnight.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "home": str(tmp_path / "home"),
+                "database": {"url": f"sqlite:///{tmp_path / 'store.db'}"},
+                "serving": {"base_model": str(tiny_model_dir), "endpoints": ["http://127.0.0.1:9"]},
+                "gate": {"tolerance": 0.05, "max_new_tokens": 12},
+                "tracks": [
+                    {
+                        "name": "orders",
+                        "suites": [str(suite_file)],
+                        "reward": {
+                            "judge": 0.0,
+                            "graders": [{"type": "regex", "pattern": "^ama", "weight": 1.0}],
+                        },
+                    }
+                ],
+            }
+        ),
+        encoding="utf-8",
+    )
+    for name in [name for name in __import__("os").environ if name.startswith("OVERNIGHT_")]:
+        monkeypatch.delenv(name)
+    runner = CliRunner()
+    assert runner.invoke(app, ["-c", str(config), "db", "upgrade"]).exit_code == 0
+    args = ["-c", str(config), "gate", "orders", "--candidate", str(damaged), "--champion", str(champion)]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "report"), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["passed"] is False and payload["backend"] == "in-process"  # no server answers on :9
+    gates = {gate["name"]: gate for gate in payload["gates"]}
+    assert not gates["suite/orders"]["passed"] and gates["suite/orders"]["n"] == CASES + 1
+    assert set(gates) == {"suite/orders", "heldout_gain", "kl_to_base"}
+    for name in ("gate.json", "gate.md", "gate_deltas.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+    assert "suite/orders" in (tmp_path / "report" / "gate.md").read_text(encoding="utf-8")

@@ -230,3 +230,48 @@ def test_killed_in_each_stage_in_turn_the_night_resumes_and_completes_exactly_on
     experiment = client.get_experiment_by_name(f"overnight-{track}")
     assert experiment is not None
     assert len(client.search_runs([experiment.experiment_id], filter_string="tags.night = '2026-11-21'")) == 1
+
+
+def test_deploy_then_rollback_through_the_cli_and_the_rollback_flow(
+    tmp_path: Path, vllm_server: Any, tiny_model_dir: Path
+) -> None:
+    """Two registered versions: `overnight deploy` serves v2 and moves the aliases after the swap;
+    the Prefect rollback flow serves v1 again and moves them back."""
+    from prefect.testing.utilities import prefect_test_harness
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.rollback import rollback
+    from tests.serving_fixtures import distinct_adapters
+
+    track = "released"
+    database_url = f"sqlite:///{tmp_path / 'store.db'}"
+    config = write_config(
+        tmp_path, track=track, database_url=database_url, server=vllm_server, model_dir=tiny_model_dir
+    )
+    storage.upgrade(storage.make_engine(database_url))
+    registry = registry_for(tmp_path)
+    v1, v2 = distinct_adapters(tiny_model_dir, tmp_path / "made", track, [1, 2])
+    assert registry.register(track, v1.path, run_id=None, tags={}) == 1
+    runner = CliRunner()
+    first = runner.invoke(app, ["-c", str(config), "deploy", track, "1", "--json"])
+    assert first.exit_code == 0, first.output
+    assert registry.register(track, v2.path, run_id=None, tags={}) == 2
+    assert registry.version_for(track, "challenger") == 2
+
+    second = runner.invoke(app, ["-c", str(config), "deploy", track, "2", "--json"])
+    assert second.exit_code == 0, second.output
+    assert json.loads(second.stdout)["previous"] == 1
+    assert (registry.version_for(track, "champion"), registry.version_for(track, "previous")) == (2, 1)
+    assert serving_state([vllm_server.base_url], [track])[0].serving[track] == 2
+
+    with prefect_test_harness(server_startup_timeout=120):
+        result = rollback(track, config_path=str(config))
+    assert result["version"] == 1 and result["action"] == "rollback"
+    assert (registry.version_for(track, "champion"), registry.version_for(track, "previous")) == (1, 2)
+    assert serving_state([vllm_server.base_url], [track])[0].serving[track] == 1
+
+    status = runner.invoke(app, ["-c", str(config), "status", "--json"])
+    (entry,) = json.loads(status.stdout)["tracks"]
+    assert entry["champion"] == 1 and entry["previous"] == 2
+    assert entry["serving"] == {vllm_server.base_url: 1}
