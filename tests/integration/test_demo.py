@@ -38,11 +38,11 @@ def test_demo_runs_two_nights_and_promotes_at_least_once(workdir: Path) -> None:
     for entry in promoted:
         gain = {gate["name"]: gate for gate in entry["gate"]["gates"]}["heldout_gain"]
         assert gain["ci_low"] > 0 and entry["deployed"] is True
-    # The support track went through the LLM judge served by vLLM.
+    # The support track was judged by the LLM judge served by vLLM (its reward exists every night).
     support = [entry for entry in entries if entry["track"] == "support"]
-    assert all(entry["gate"] is not None for entry in support)
+    assert len(support) == 2 and all(entry["mean_reward"] is not None for entry in support)
     # Night 2 is guarded by the memory suite built from night 1.
-    night2_gates = {g["name"] for e in second["tracks"] if e.get("gate") for g in e["gate"]["gates"]}
+    night2_gates = {g["name"] for e in second["tracks"] for g in ((e.get("gate") or {}).get("gates") or [])}
     assert any(name.startswith("suite/memory-") for name in night2_gates)
     # After the last night each stable name answered through the server; a promoted track by its adapter.
     answers = {answer["track"]: answer for answer in summary["answers"]}
