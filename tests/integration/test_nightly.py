@@ -275,3 +275,55 @@ def test_deploy_then_rollback_through_the_cli_and_the_rollback_flow(
     (entry,) = json.loads(status.stdout)["tracks"]
     assert entry["champion"] == 1 and entry["previous"] == 2
     assert entry["serving"] == {vllm_server.base_url: 1}
+
+
+def test_a_failing_stage_fails_its_track_only_and_says_why(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """An unreachable source database fails `harvest` for its track with the one-line reason; the
+    other track's night still runs, and the failed night is retried (same attempt) next time."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.nightly import nightly
+
+    database_url = f"sqlite:///{tmp_path / 'store.db'}"
+
+    class Down:  # no server: candidates would be registered, not deployed
+        class spec:
+            served_name = "base"
+
+        base_url = "http://127.0.0.1:9"
+
+    config = write_config(
+        tmp_path, track="healthy", database_url=database_url, server=Down, model_dir=tiny_model_dir
+    )
+    settings = yaml.safe_load(config.read_text(encoding="utf-8"))
+    broken = dict(settings["tracks"][0], name="broken")
+    broken["harvest"] = {
+        "source": {
+            "url": "postgresql+psycopg://nobody@127.0.0.1:1/nothing",
+            "query": "SELECT * FROM logs WHERE ts > :since AND ts <= :until",
+        }
+    }
+    settings["tracks"].append(broken)
+    settings["train"]["max_steps"] = 1
+    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    seed_traffic(database_url, "healthy", rows=30)
+    with prefect_test_harness(server_startup_timeout=120):
+        summary = nightly(config_path=str(config), night=NIGHT)
+    entries = {entry["track"]: entry for entry in summary["tracks"]}
+    assert entries["broken"]["status"] == "failed"
+    assert "127.0.0.1:1" in entries["broken"]["error"] and "\n" not in entries["broken"]["error"]
+    assert entries["healthy"]["status"] in {"registered", "rejected", "skipped"}
+    seen = counts(database_url, "broken")
+    assert seen["runs"] == [(1, "failed")] and seen["stages"] == [] and seen["watermark"] is None
+    engine = storage.make_engine(database_url)
+    with Session(engine) as session:
+        (stage,) = session.scalars(
+            select(RunStage).join(NightlyRun).where(NightlyRun.track == "broken")
+        ).all()
+        assert (
+            stage.stage == "harvest" and stage.status == "failed" and "127.0.0.1:1" in stage.detail["error"]
+        )
+    from storage import runs as ledger
+
+    again, finished = ledger.open_run(engine, "broken", NIGHT)
+    assert finished is None and ledger.get_run(engine, again).attempt == 1
