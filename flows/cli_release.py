@@ -184,7 +184,7 @@ def status(ctx: typer.Context, json_output: JsonFlag = False) -> None:
         "track", "champion", "previous", "challenger", "serving", "last night", title="overnight status"
     )
     for entry in payload["tracks"]:
-        serving = ", ".join(f"{url}: {_fmt(v)}" for url, v in entry["serving"].items()) or "-"
+        serving = ", ".join(f"{_host(url)} {_version(v)}" for url, v in entry["serving"].items()) or "-"
         last = entry["last_run"]
         night = f"{last['night']} {last['status']}" if last else "-"
         table.add_row(
@@ -196,6 +196,14 @@ def status(ctx: typer.Context, json_output: JsonFlag = False) -> None:
             night,
         )
     stdout.print(table)
+
+
+def _host(url: str) -> str:
+    return url.split("://", 1)[-1].rstrip("/")
+
+
+def _version(value: Any) -> str:
+    return f"v{value}" if isinstance(value, int) else ("-" if value is None else str(value))
 
 
 @app.command()
