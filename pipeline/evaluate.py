@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,22 +250,14 @@ class ServerGenerator:
                 logger.warning("could not unload temporary adapter %s: %s", name, error)
 
     def _ask(self, model: str, prompts: Sequence[Chat], decoding: Decoding) -> list[str]:
-        if decoding.temperature == 0:
-            return self.client.chat_many(
-                model, prompts, max_tokens=decoding.max_new_tokens, concurrency=self.concurrency
-            )
-
-        def one(index: int) -> str:
-            return self.client.chat(
-                model,
-                list(prompts[index]),
-                max_tokens=decoding.max_new_tokens,
-                temperature=decoding.temperature,
-                seed=decoding.seed * 1_000_003 + index,  # per-request seeds: a sample per prompt
-            )
-
-        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(prompts)))) as pool:
-            return list(pool.map(one, range(len(prompts))))
+        return self.client.chat_many(
+            model,
+            prompts,
+            max_tokens=decoding.max_new_tokens,
+            temperature=decoding.temperature,
+            seed=decoding.seed if decoding.temperature > 0 else None,
+            concurrency=self.concurrency,
+        )
 
 
 # --------------------------------------------------------------------------- scoring
@@ -378,9 +369,8 @@ def evaluate_candidate(
             if name != "base"
         }
         heldout_candidate, heldout_champion = _paired(judged["candidate"], judged["champion"])
-    kl_prompts = [[dict(m) for m in case.messages] for case in cases][:KL_PROBE_PROMPTS] or [
-        list(p.messages) for p in heldout[:KL_PROBE_PROMPTS]
-    ]
+    # Suite prompts first; the held-out prompts when the suites have none.
+    kl_prompts = prompts[: min(n_cases, KL_PROBE_PROMPTS)] or prompts[n_cases : n_cases + KL_PROBE_PROMPTS]
     kl = probe_kl(base_model, candidate, None, kl_prompts)
     report = decide(
         scores,

@@ -85,6 +85,7 @@ class Night:
     run_id: int = 0
     finished: dict[str, Any] | None = None  # the summary of a night that had already finished
     details: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _mlflow_run: NightRun | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.run_id, done = ledger.open_run(self.engine, self.track, self.night, force=self.force)
@@ -125,6 +126,8 @@ class Night:
 
     def mlflow(self) -> NightRun:
         """The night's MLflow run, created once and resumed by id after a crash."""
+        if self._mlflow_run is not None:
+            return self._mlflow_run
         mlflow = self.config.mlflow
         run = ledger.get_run(self.engine, self.run_id)
         night_run = NightRun(
@@ -138,6 +141,7 @@ class Night:
             night_run.resume(run.mlflow_run_id)
         else:
             ledger.set_run_fields(self.engine, self.run_id, mlflow_run_id=night_run.start())
+        self._mlflow_run = night_run
         return night_run
 
     def fail(self, error: BaseException) -> None:
@@ -375,8 +379,9 @@ def commit(night: Night) -> dict[str, Any]:
     )
     status = night_status(night.details)
     summary = summarize(night, status)
-    night.mlflow().set_tags({"status": status})
-    night.mlflow().finish()
+    run = night.mlflow()
+    run.set_tags({"status": status})
+    run.finish()
     ledger.finish_run(night.engine, night.run_id, status, summary)
     return {
         "status": status,

@@ -82,14 +82,7 @@ def night_services(config: OvernightConfig, engine: Engine) -> NightServices:
         )
 
     def deploy(adapter: AdapterVersion) -> dict[str, Any]:
-        result = hotswap.deploy(
-            adapter,
-            endpoints,
-            engine=engine,
-            api_key=_api_key(config),
-            keep_versions=config.serving.keep_versions,
-        )
-        return asdict(result)
+        return _swap(config, engine, adapter, "deploy")
 
     generator = (
         ServerGenerator(
@@ -104,6 +97,19 @@ def night_services(config: OvernightConfig, engine: Engine) -> NightServices:
     return NightServices(
         registry=open_registry(config), deploy=deploy if serving else None, generator=generator
     )
+
+
+def _swap(config: OvernightConfig, engine: Engine, adapter: AdapterVersion, action: str) -> dict[str, Any]:
+    """Hot-swap `adapter` onto every configured endpoint (all or none); the swap's record as JSON."""
+    result = hotswap.deploy(
+        adapter,
+        config.serving.endpoints,
+        engine=engine,
+        api_key=_api_key(config),
+        keep_versions=config.serving.keep_versions,
+        action=action,
+    )
+    return asdict(result)
 
 
 def _require_servers(config: OvernightConfig) -> None:
@@ -134,16 +140,7 @@ def deploy_version(
     swap: dict[str, Any] | None = None
     if not registry_only:
         _require_servers(config)
-        swap = asdict(
-            hotswap.deploy(
-                adapter,
-                config.serving.endpoints,
-                engine=engine,
-                api_key=_api_key(config),
-                keep_versions=config.serving.keep_versions,
-                action=action,
-            )
-        )
+        swap = _swap(config, engine, adapter, action)
     if action == "rollback":
         registry.rollback_aliases(track, version)
     else:

@@ -125,16 +125,6 @@ class VllmClient:
     def unload_adapter(self, name: str) -> None:
         self._request("POST", "/v1/unload_lora_adapter", f"unload adapter {name!r}", json={"lora_name": name})
 
-    def reset_prefix_cache(self) -> bool:
-        """Drop cached prefix blocks; False when the server does not offer it (needs VLLM_SERVER_DEV_MODE=1)."""
-        try:
-            self._request("POST", "/reset_prefix_cache", "reset prefix cache")
-        except ServerRequestFailed as error:
-            if error.status_code in (404, 405):
-                return False
-            raise
-        return True
-
     def reset_prefix_cache_outcome(self) -> str:
         """Try to drop cached prefix blocks: `reset`, `busy` or `unsupported`.
 
@@ -182,18 +172,24 @@ class VllmClient:
         *,
         max_tokens: int = 48,
         temperature: float = 0.0,
+        seed: int | None = None,
         concurrency: int = 16,
     ) -> list[str]:
-        """Replies to every prompt in order, `concurrency` requests in flight (the server batches them)."""
+        """Replies to every prompt in order, `concurrency` requests in flight (the server batches them).
+
+        With `seed`, request i is seeded `seed * 1_000_003 + i`: one reproducible sample per prompt.
+        """
         if not prompts:
             return []
-        with ThreadPoolExecutor(max_workers=min(concurrency, len(prompts))) as pool:
-            return list(
-                pool.map(
-                    lambda chat: self.chat(model, chat, max_tokens=max_tokens, temperature=temperature),
-                    prompts,
-                )
+
+        def one(index: int) -> str:
+            request_seed = None if seed is None else seed * 1_000_003 + index
+            return self.chat(
+                model, list(prompts[index]), max_tokens=max_tokens, temperature=temperature, seed=request_seed
             )
+
+        with ThreadPoolExecutor(max_workers=min(concurrency, len(prompts))) as pool:
+            return list(pool.map(one, range(len(prompts))))
 
 
 def _error_text(response: httpx.Response) -> str:
