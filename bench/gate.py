@@ -25,13 +25,22 @@ import torch
 
 from evals.suites import load_suite, shipped_suites
 from pipeline.config import GateConfig, LoraConfig
-from pipeline.evaluate import Decoding, Evaluation, InProcessGenerator, ServerGenerator, evaluate_candidate
-from pipeline.gating import thresholds_from
-from pipeline.synthetic_traffic import generate_records
-from pipeline.tiny_model import build_tiny_model
-from pipeline.train import TrainPrompt, load_base, lora_config, save_adapter
-from pipeline.vllm_client import VllmClient
-from pipeline.vllm_process import ServerSpec, VllmServer, free_port
+from pipeline.demo_world.synthetic_traffic import generate_records
+from pipeline.demo_world.tiny_model import build_tiny_model
+from pipeline.deploy.vllm_client import VllmClient
+from pipeline.deploy.vllm_process import ServerSpec, VllmServer, free_port
+from pipeline.gate.evaluation import (
+    Evaluation,
+    evaluate_candidate,
+)
+from pipeline.gate.generation import (
+    Decoding,
+    InProcessGenerator,
+    ServerGenerator,
+)
+from pipeline.gate.stage import thresholds_from
+from pipeline.results import TrainPrompt
+from pipeline.train.recipe import load_base, lora_config, save_adapter
 
 
 def adapter(model_dir: Path, out: Path, b_std: float, seed: int) -> Path:

@@ -25,8 +25,8 @@ from sqlalchemy import create_engine, text
 
 import storage
 from pipeline.config import HarvestConfig, TrackFilter
-from pipeline.harvest import harvest
-from pipeline.synthetic_traffic import generate_records
+from pipeline.demo_world.synthetic_traffic import generate_records
+from pipeline.harvest.stage import harvest
 
 BENCH_DB = "overnight_bench"
 TEMPLATES = 20_000  # distinct generated records, varied to make every row unique

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import storage
-from pipeline.judge import JudgeSettings, LlmJudge, run_sync
-from pipeline.rubrics import load_rubric
-from pipeline.synthetic_traffic import generate_records
-from pipeline.tiny_model import build_tiny_model
-from pipeline.vllm_process import ServerSpec, VllmServer, free_port
+from pipeline.demo_world.synthetic_traffic import generate_records
+from pipeline.demo_world.tiny_model import build_tiny_model
+from pipeline.deploy.vllm_process import ServerSpec, VllmServer, free_port
+from pipeline.judge.client import JudgeSettings, LlmJudge, run_sync
+from pipeline.judge.rubrics import load_rubric
 
 RUBRIC = load_rubric("helpfulness")
 

@@ -2,7 +2,7 @@
 
 One real vLLM server on the tiny model (CPU build on a machine without a GPU), measured side by side
 in one run:
-  - swap latency (`pipeline.hotswap.deploy`: checksum, load, probe, switch, reset, verify, prune,
+  - swap latency (`pipeline.deploy.hotswap.deploy`: checksum, load, probe, switch, reset, verify, prune,
     record; start to verified) p50/max over `--swaps` swaps, vs a full restart (stop, start, load
     the champion, first answer), as a ratio;
   - request latency p50/p99 of 8 concurrent clients (half streaming) in steady state vs during the
@@ -37,11 +37,11 @@ from transformers import AutoModelForCausalLM
 
 import storage
 from pipeline.adapters import AdapterVersion, adapter_sha256
-from pipeline.hotswap import PROBE_PROMPTS, deploy
-from pipeline.serving import load_champions, start_serving
-from pipeline.tiny_model import build_tiny_model
-from pipeline.vllm_client import VllmClient
-from pipeline.vllm_process import ServerSpec, VllmServer, free_port
+from pipeline.demo_world.tiny_model import build_tiny_model
+from pipeline.deploy.hotswap import PROBE_PROMPTS, deploy
+from pipeline.deploy.serving import load_champions, start_serving
+from pipeline.deploy.vllm_client import VllmClient
+from pipeline.deploy.vllm_process import ServerSpec, VllmServer, free_port
 from storage.models import Deployment
 
 CLIENTS = 8

@@ -1,7 +1,7 @@
 """Training benchmark: where a GRPO step's time goes, tokens/s, peak memory, LoRA vs full-parameter.
 
 Each measurement runs in a fresh process (so peak memory is its own), side by side in one run:
-  - LoRA through the real stage (`pipeline.train.run`): per step, generation vs optimisation seconds
+  - LoRA through the real stage (`pipeline.train.recipe.run`): per step, generation vs optimisation seconds
     (generation timed around `generate`), completion tokens/s, peak memory;
   - full-parameter GRPO on the same model, data and settings (TRL without PEFT): peak memory;
   - the ratio of the two peaks.
@@ -73,7 +73,7 @@ def main() -> None:
 
 
 def _model_dir(shape: str, work: Path) -> Path:
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.demo_world.tiny_model import build_tiny_model
 
     tiny = build_tiny_model(work / "tiny-model")
     if shape == "tiny":
@@ -108,8 +108,8 @@ def _settings(steps: int) -> Any:
 
 
 def _prompts() -> list[Any]:
-    from pipeline.synthetic_traffic import generate_records
-    from pipeline.train import TrainPrompt
+    from pipeline.demo_world.synthetic_traffic import generate_records
+    from pipeline.train.recipe import TrainPrompt
 
     records = generate_records(64, seed=5, tracks=("math",))
     return [TrainPrompt(messages=r["messages"], reference=str(r["metadata"]["answer"])) for r in records]
@@ -147,7 +147,7 @@ def _peak_memory_mb() -> float:
 
 
 def _lora_child(model: str, out: Path, steps: int) -> dict[str, Any]:
-    from pipeline.train import run
+    from pipeline.train.recipe import run
 
     clock = _GenerationClock()
     start = time.perf_counter()
@@ -173,7 +173,7 @@ def _full_child(model: str, out: Path, steps: int) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer
 
-    from pipeline.train import grpo_args, prompt_dataset
+    from pipeline.train.recipe import grpo_args, prompt_dataset
 
     settings = _settings(steps)
     args = grpo_args(

@@ -232,7 +232,7 @@ def harvest(
     Prints [i]{track, rows, dropped: {reason: count}, sha256}[/i]; nothing is stored.
     """
     import storage
-    from pipeline import harvest as harvest_stage
+    from pipeline.harvest import stage as harvest_stage
 
     cfg = _config(ctx)
     spec = cfg.track(track)
@@ -347,10 +347,10 @@ def judge(
     from itertools import islice
 
     import storage
-    from pipeline import harvest as harvest_stage
-    from pipeline.judge import LlmJudge
-    from pipeline.judging import judge_records, judge_settings
-    from pipeline.rubrics import load_rubric
+    from pipeline.harvest import stage as harvest_stage
+    from pipeline.judge.client import LlmJudge
+    from pipeline.judge.rubrics import load_rubric
+    from pipeline.judge.stage import judge_records, judge_settings
 
     cfg = _config(ctx)
     spec = cfg.track(track)

@@ -1,7 +1,7 @@
 """`overnight run | status | gate | serve | deploy | rollback | schedule`: the nightly loop and releases.
 
 Registered on the same typer app as `flows.cli`; thin like it: parse, call the flow or a
-`pipeline.release` function, print a table (or one JSON object with --json).
+`pipeline.deploy.release` function, print a table (or one JSON object with --json).
 """
 
 from __future__ import annotations
@@ -118,12 +118,12 @@ def gate(
     adapter name), in-process otherwise. Exit 0 whether or not the candidate passes.
     """
     import storage
-    from pipeline import gating
     from pipeline.adapters import check_adapter_dir
-    from pipeline.judge import LlmJudge
-    from pipeline.judging import judge_settings
-    from pipeline.release import _api_key, open_registry
-    from pipeline.rubrics import load_rubric
+    from pipeline.deploy.release import _api_key, open_registry
+    from pipeline.gate import stage as gating
+    from pipeline.judge.client import LlmJudge
+    from pipeline.judge.rubrics import load_rubric
+    from pipeline.judge.stage import judge_settings
 
     cfg = _config(ctx)
     spec = cfg.track(track)
@@ -172,7 +172,7 @@ def gate(
 def status(ctx: typer.Context, json_output: JsonFlag = False) -> None:
     """Per track: the champion, previous and challenger versions, what each endpoint serves, the last night."""
     import storage
-    from pipeline.release import status as release_status
+    from pipeline.deploy.release import status as release_status
 
     cfg = _config(ctx)
     engine = storage.connect(cfg.database.url)
@@ -222,7 +222,7 @@ def deploy(
     the registry aliases move only after every endpoint serves the version.
     """
     import storage
-    from pipeline.release import deploy_version
+    from pipeline.deploy.release import deploy_version
 
     cfg = _config(ctx)
     engine = storage.connect(cfg.database.url)
@@ -245,7 +245,7 @@ def rollback(
 ) -> None:
     """Serve the previous version (or --to VERSION) again, then move `champion` and `previous` back."""
     import storage
-    from pipeline.release import rollback as release_rollback
+    from pipeline.deploy.release import rollback as release_rollback
 
     cfg = _config(ctx)
     engine = storage.connect(cfg.database.url)
@@ -275,9 +275,9 @@ def serve(ctx: typer.Context) -> None:
     Each champion is served under its stable name `<track>` and its pinned name `<track>@v<N>`.
     Settings come from the `serving` section (port, max_loras, max_lora_rank, api_key, extra_args).
     """
-    from pipeline.release import open_registry
-    from pipeline.serving import serve as serve_forever
-    from pipeline.vllm_process import ServerSpec
+    from pipeline.deploy.release import open_registry
+    from pipeline.deploy.serving import serve as serve_forever
+    from pipeline.deploy.vllm_process import ServerSpec
 
     cfg = _config(ctx)
     serving = cfg.serving

@@ -24,10 +24,10 @@ from typing import Any
 import yaml
 
 import storage
-from pipeline import synthetic_traffic
 from pipeline.config import OvernightConfig, load_config
-from pipeline.vllm_client import VllmClient
-from pipeline.vllm_process import ServerSpec, free_port
+from pipeline.demo_world import synthetic_traffic as synthetic_traffic
+from pipeline.deploy.vllm_client import VllmClient
+from pipeline.deploy.vllm_process import ServerSpec, free_port
 
 DEMO_HOME = Path(".overnight/demo")
 MALFORMED_EVERY = 50  # one malformed line per this many records, as real logs have
@@ -132,8 +132,8 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run `nights` nights of the loop; returns the JSON summary (one entry per night)."""
     from flows.nightly import nightly
-    from pipeline.serving import start_serving
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.demo_world.tiny_model import build_tiny_model
+    from pipeline.deploy.serving import start_serving
 
     port = free_port()
     config_path, config = prepare_home(home, port)

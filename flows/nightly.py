@@ -25,8 +25,8 @@ from prefect.futures import PrefectFuture, wait
 import storage
 from pipeline import night as stages
 from pipeline.config import OvernightConfig, load_config
+from pipeline.deploy.release import night_services
 from pipeline.night import Night, NightServices, night_of
-from pipeline.release import night_services
 from storage import runs as ledger
 
 logger = logging.getLogger(__name__)

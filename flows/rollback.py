@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 import storage
 from pipeline.config import load_config
-from pipeline.release import rollback as release_rollback
+from pipeline.deploy.release import rollback as release_rollback
 
 
 @task(name="rollback", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30])

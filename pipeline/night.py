@@ -28,20 +28,21 @@ from typing import Any
 from sqlalchemy import Engine
 
 from evals.gate import GateReport
-from pipeline import gating
-from pipeline import harvest as harvest_stage
 from pipeline.adapters import AdapterVersion, file_digests, file_sha256
 from pipeline.config import OvernightConfig, TrackConfig
-from pipeline.evaluate import ReplyGenerator
-from pipeline.judge import Judge, LlmJudge
-from pipeline.judging import judge_records, judge_settings, read_judged
-from pipeline.registry import Registry, version_tags
-from pipeline.rewards import reward_functions
-from pipeline.rubrics import load_rubric
-from pipeline.selection import select as select_prompts
-from pipeline.tracking import NightRun
-from pipeline.train import RESULT_FILE, TrainPrompt
-from pipeline.train import run as train_run
+from pipeline.gate import stage as gating
+from pipeline.gate.evaluation import ReplyGenerator
+from pipeline.harvest import stage as harvest_stage
+from pipeline.judge.client import Judge, LlmJudge
+from pipeline.judge.rubrics import load_rubric
+from pipeline.judge.stage import judge_records, judge_settings, read_judged
+from pipeline.register.mlflow_run import NightRun
+from pipeline.register.registry import Registry, version_tags
+from pipeline.results import TrainPrompt
+from pipeline.select import select as select_prompts
+from pipeline.train.recipe import RESULT_FILE
+from pipeline.train.recipe import run as train_run
+from pipeline.train.rewards import reward_functions
 from storage import runs as ledger
 from storage.reads import get_snapshot
 

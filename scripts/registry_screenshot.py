@@ -9,8 +9,8 @@ overnight) and saves a PNG:
     .venv/bin/python scripts/registry_screenshot.py --store sqlite:///.overnight/mlflow.db \\
         --artifacts .overnight/mlartifacts --model overnight-support --out registry.png
 
-`--seed` writes four nights of the track into a fresh store through `pipeline.tracking` and
-`pipeline.registry` (runs with gate reports and training curves, v1 promoted then replaced by v2,
+`--seed` writes four nights of the track into a fresh store through `pipeline.register.mlflow_run` and
+`pipeline.register.registry` (runs with gate reports and training curves, v1 promoted then replaced by v2,
 v3 registered as challenger, one rejected night with a run and no version).
 """
 
@@ -33,10 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from evals.gate import GateReport, GateThresholds, SuiteScores, decide  # noqa: E402
-from pipeline.registry import MlflowRegistry, version_tags  # noqa: E402
-from pipeline.tracking import NightRun, server_healthy  # noqa: E402
-from pipeline.vllm_process import free_port  # noqa: E402
-from tests.fake_registry import make_adapter_dir  # noqa: E402
+from pipeline.demo_world.adapters import make_adapter_dir  # noqa: E402
+from pipeline.deploy.vllm_process import free_port  # noqa: E402
+from pipeline.register.mlflow_run import NightRun, server_healthy  # noqa: E402
+from pipeline.register.registry import MlflowRegistry, version_tags  # noqa: E402
 
 logger = logging.getLogger("registry_screenshot")
 

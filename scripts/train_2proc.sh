@@ -11,7 +11,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/overnight-train-2proc.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 out=${1:-$work/out}
 
-"$python" -m pipeline.tiny_model "$work/tiny-model" >&2
+"$python" -m pipeline.demo_world.tiny_model "$work/tiny-model" >&2
 "$python" - "$work/job.yaml" "$work/tiny-model" "$out" <<'PY'
 import json, sys
 
@@ -43,7 +43,7 @@ PY
 # `accelerate launch --cpu` always takes accelerate's single-process launcher (its multi-CPU path goes
 # through `mpirun`, which is not installed here), so `--num_processes 2 --cpu` would run ONE process.
 # `--multi_gpu` takes the torchrun launcher instead; with CUDA hidden, every process creates its
-# accelerate state with cpu=True (pipeline.train.process_state) and the group is MULTI_CPU over gloo.
+# accelerate state with cpu=True (pipeline.train.recipe.process_state) and the group is MULTI_CPU over gloo.
 export CUDA_VISIBLE_DEVICES="" ACCELERATE_USE_CPU=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 "$python" -m accelerate.commands.launch \
   --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \

@@ -119,7 +119,7 @@ def make_record(n: int = 0, **overrides: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.demo_world.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny-model")
 
@@ -130,7 +130,7 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
     Skips with the reason when vLLM is not installed, except under OVERNIGHT_REQUIRE_VLLM=1 (CI).
     """
-    from pipeline.vllm_process import ServerSpec, VllmServer, free_port, vllm_installed
+    from pipeline.deploy.vllm_process import ServerSpec, VllmServer, free_port, vllm_installed
 
     if not vllm_installed():
         reason = "vLLM is not installed (pip install -e '.[cpu]')"

@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.adapters import AdapterVersion, adapter_sha256
-from pipeline.hotswap import PROBE_PROMPTS
+from pipeline.deploy.hotswap import PROBE_PROMPTS
 
 LORA_RANK = 8
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

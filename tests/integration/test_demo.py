@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline.vllm_process import vllm_installed
+from pipeline.deploy.vllm_process import vllm_installed
 
 pytestmark = pytest.mark.integration
 

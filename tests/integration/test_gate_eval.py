@@ -20,18 +20,21 @@ import torch
 from evals.gate import GateThresholds, SuiteScores, suite_gate
 from evals.suites import Suite, load_suite
 from pipeline.config import GateConfig, LoraConfig
-from pipeline.evaluate import (
-    Decoding,
+from pipeline.deploy.vllm_client import VllmClient
+from pipeline.gate.evaluation import (
     Scorer,
-    ServerGenerator,
     evaluate_candidate,
-    generate,
-    probe_kl,
     score_suite,
 )
-from pipeline.gating import thresholds_from
-from pipeline.train import TrainPrompt, load_base, lora_config, save_adapter
-from pipeline.vllm_client import VllmClient
+from pipeline.gate.generation import (
+    Decoding,
+    ServerGenerator,
+    generate,
+    probe_kl,
+)
+from pipeline.gate.stage import thresholds_from
+from pipeline.results import TrainPrompt
+from pipeline.train.recipe import load_base, lora_config, save_adapter
 
 pytestmark = pytest.mark.slow
 

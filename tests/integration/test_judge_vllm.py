@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 import storage
-from pipeline.judge import JudgeSettings, JudgeUnavailable, LlmJudge, run_sync
-from pipeline.rubrics import load_rubric
+from pipeline.judge.client import JudgeSettings, JudgeUnavailable, LlmJudge, run_sync
+from pipeline.judge.rubrics import load_rubric
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ def test_pointwise_and_group_verdicts_through_structured_output(vllm_server, tmp
 
 
 def test_stopped_server_is_a_clear_failure(tiny_model_dir: Path) -> None:
-    from pipeline.vllm_process import free_port
+    from pipeline.deploy.vllm_process import free_port
 
     port = free_port()  # nothing listens there: the same as a server that was stopped
     settings = JudgeSettings(

@@ -21,10 +21,17 @@ import pytest
 
 from evals.gate import GateThresholds, SuiteScores, decide
 from pipeline.adapters import adapter_sha256
-from pipeline.registry import CHALLENGER, CHAMPION, PREVIOUS, AdapterRefused, MlflowRegistry, RegistryError
-from pipeline.tracking import NightRun, mlflow_client, server_healthy
-from pipeline.vllm_process import free_port
-from tests.fake_registry import make_adapter_dir
+from pipeline.demo_world.adapters import make_adapter_dir
+from pipeline.deploy.vllm_process import free_port
+from pipeline.register.mlflow_run import NightRun, mlflow_client, server_healthy
+from pipeline.register.registry import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS,
+    AdapterRefused,
+    MlflowRegistry,
+    RegistryError,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -25,11 +25,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 import storage
-from pipeline import synthetic_traffic
+from pipeline.demo_world import synthetic_traffic as synthetic_traffic
+from pipeline.deploy.serving import serving_state
 from pipeline.night import STAGES
-from pipeline.registry import MlflowRegistry
-from pipeline.serving import serving_state
-from pipeline.tracking import mlflow_client
+from pipeline.register.mlflow_run import mlflow_client
+from pipeline.register.registry import MlflowRegistry
 from storage.models import Deployment, NightlyRun, RunStage, Snapshot, Watermark
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -25,10 +25,10 @@ from sqlalchemy.orm import Session
 
 import storage
 from pipeline.adapters import AdapterVersion, adapter_sha256
-from pipeline.hotswap import PROBE_PROMPTS, SwapFailed, deploy, fingerprint, serving_versions
-from pipeline.serving import load_champions, serving_state
-from pipeline.vllm_client import Chat, ServedAdapter, VllmClient
-from pipeline.vllm_process import ServerSpec, VllmServer, free_port
+from pipeline.deploy.hotswap import PROBE_PROMPTS, SwapFailed, deploy, fingerprint, serving_versions
+from pipeline.deploy.serving import load_champions, serving_state
+from pipeline.deploy.vllm_client import Chat, ServedAdapter, VllmClient
+from pipeline.deploy.vllm_process import ServerSpec, VllmServer, free_port
 from storage.models import Deployment
 from tests.serving_fixtures import distinct_adapters
 

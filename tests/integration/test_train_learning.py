@@ -25,8 +25,9 @@ import torch
 
 from evals.graders import CallableGrader, RegexGrader, as_reward_function
 from pipeline.config import TrainConfig
-from pipeline.train import GrpoRecipe, TrainPrompt, TrainResult, file_digests, load_base, load_champion, run
-from pipeline.train_bounds import NO_SIGNAL_STEPS
+from pipeline.results import TrainPrompt
+from pipeline.train.bounds import NO_SIGNAL_STEPS
+from pipeline.train.recipe import GrpoRecipe, TrainResult, file_digests, load_base, load_champion, run
 
 pytestmark = pytest.mark.slow
 
@@ -308,9 +309,9 @@ def test_two_processes_under_accelerate_launch(tmp_path: Path) -> None:
 
 def test_judge_in_group_mode_is_the_reward(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The track's judge scores each prompt's completions as one group, through TRL's async reward path."""
-    from pipeline.rewards import judge_reward
-    from pipeline.rubrics import load_rubric
-    from tests.fakes import FakeJudge
+    from pipeline.judge.rubrics import load_rubric
+    from pipeline.train.rewards import judge_reward
+    from tests.fakes.judge import FakeJudge
 
     class GroupCountingJudge(FakeJudge):
         def __init__(self) -> None:

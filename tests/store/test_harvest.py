@@ -9,7 +9,7 @@ from sqlalchemy import Engine, create_engine, func, select, text
 
 import storage
 from pipeline.config import ExternalSource, HarvestConfig, TrackFilter
-from pipeline.harvest import commit, harvest, read_snapshot
+from pipeline.harvest.stage import commit, harvest, read_snapshot
 from storage import reads
 from storage.models import QuarantinedRow, Snapshot
 from tests.conftest import T0, make_record

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline.synthetic_traffic import generate_records, write_jsonl
+from pipeline.demo_world.synthetic_traffic import generate_records, write_jsonl
 
 runner = CliRunner()
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from pipeline.hash_set import CompactHashSet
+from pipeline.harvest.hash_set import CompactHashSet
 
 
 def test_matches_python_set_semantics() -> None:

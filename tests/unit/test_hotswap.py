@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 import storage
 from pipeline.adapters import AdapterVersion, adapter_sha256
-from pipeline.hotswap import (
+from pipeline.deploy.hotswap import (
     PROBE_PROMPTS,
     SwapFailed,
     deploy,
@@ -29,7 +29,7 @@ from pipeline.hotswap import (
     version_serving,
     versions_to_unload,
 )
-from pipeline.vllm_client import Chat, ServedAdapter, ServerRequestFailed, ServerUnavailable
+from pipeline.deploy.vllm_client import Chat, ServedAdapter, ServerRequestFailed, ServerUnavailable
 from storage.models import Deployment
 
 TRACK = "support"
@@ -300,7 +300,7 @@ def test_stable_name_that_keeps_old_weights_fails_verify(
     sql: Engine,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("pipeline.hotswap.VERIFY_PAUSE_SECONDS", 0.0)
+    monkeypatch.setattr("pipeline.deploy.hotswap.VERIFY_PAUSE_SECONDS", 0.0)
     for endpoint in fleet.values():
         serve(endpoint, versions[1])
     fleet[B].ignore_inplace = True
@@ -403,7 +403,7 @@ def test_invalid_arguments_are_user_errors(versions: dict[int, AdapterVersion], 
 def test_load_champions_serves_each_track_under_stable_and_pinned_names(
     versions: dict[int, AdapterVersion],
 ) -> None:
-    from pipeline.serving import load_champions, serving_state
+    from pipeline.deploy.serving import load_champions, serving_state
 
     endpoint = FakeEndpoint(A)
     math = make_adapter_dir(versions[1].path.parents[1], 7, track="math")
@@ -427,7 +427,7 @@ def test_load_champions_serves_each_track_under_stable_and_pinned_names(
 
 
 def test_load_champions_refuses_two_champions_for_one_track(versions: dict[int, AdapterVersion]) -> None:
-    from pipeline.serving import load_champions
+    from pipeline.deploy.serving import load_champions
 
     with pytest.raises(storage.UserError, match="more than one champion for track"):
         load_champions(FakeEndpoint(A), [versions[1], versions[2]])

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 import storage
-from pipeline.judge import JudgeSettings, JudgeUnavailable, LlmJudge, run_sync
-from pipeline.rubrics import load_rubric
-from tests.chat_server import ChatServer, Fault
+from pipeline.judge.client import JudgeSettings, JudgeUnavailable, LlmJudge, run_sync
+from pipeline.judge.rubrics import load_rubric
+from tests.fakes.chat_server import ChatServer, Fault
 
 RUBRIC = load_rubric("helpfulness")
 CONVERSATION = [{"role": "user", "content": "How do I reset my password?"}]

@@ -1,4 +1,4 @@
-"""Tests for pipeline.judge_prompt: fencing holds against injections, parsing refuses bad scores."""
+"""Tests for pipeline.judge.prompt: fencing holds against injections, parsing refuses bad scores."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from pipeline.judge_prompt import (
+from pipeline.judge.prompt import (
     RATIONALE_MAX_CHARS,
     JudgeParseError,
     build_group_messages,
@@ -27,7 +27,7 @@ from pipeline.judge_prompt import (
     shuffled_order,
     text_sha256,
 )
-from pipeline.rubrics import Rubric, load_rubric
+from pipeline.judge.rubrics import Rubric, load_rubric
 
 INJECTIONS_PATH = Path(__file__).parents[1] / "assets" / "judge_injections.jsonl"
 INJECTIONS: list[dict[str, str]] = [

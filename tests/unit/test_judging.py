@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import JudgeConfig, RewardConfig, ServingConfig
-from pipeline.judging import judge_records, judge_settings, read_judged
-from pipeline.rubrics import load_rubric
-from tests.fakes import FakeJudge
+from pipeline.judge.rubrics import load_rubric
+from pipeline.judge.stage import judge_records, judge_settings, read_judged
+from tests.fakes.judge import FakeJudge
 
 RUBRIC = load_rubric("helpfulness")
 

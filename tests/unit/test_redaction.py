@@ -1,4 +1,4 @@
-"""Tests for pipeline.redaction: what is redacted, what must survive, counts, idempotence."""
+"""Tests for pipeline.harvest.redaction: what is redacted, what must survive, counts, idempotence."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline.redaction import PII_TYPES, redact, redact_record_texts
+from pipeline.harvest.redaction import PII_TYPES, redact, redact_record_texts
 
 # (text, expected redacted text); each text holds PII of its list's type only.
 EMAIL_CASES = [

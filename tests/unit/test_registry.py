@@ -1,6 +1,6 @@
 """Registry and tracking against real MLflow on the embedded store (SQLite + a local artifact folder).
 
-The contract tests run on `MlflowRegistry` and on `tests.fake_registry.FakeRegistry` alike, so the
+The contract tests run on `MlflowRegistry` and on `tests.fakes.registry.FakeRegistry` alike, so the
 fake the flow tests use cannot drift from the real thing. One MLflow store serves the whole module
 (its migrations take seconds); every test uses its own track, so tests cannot see each other.
 """
@@ -18,7 +18,9 @@ import pytest
 from evals.gate import GateReport, GateThresholds, SuiteScores, decide
 from pipeline.adapters import AdapterInvalid, adapter_sha256
 from pipeline.config import OvernightConfig
-from pipeline.registry import (
+from pipeline.demo_world.adapters import make_adapter_dir
+from pipeline.register.mlflow_run import NightRun, flatten_params, is_secret_key, mlflow_client
+from pipeline.register.registry import (
     CHALLENGER,
     CHAMPION,
     PREVIOUS,
@@ -31,8 +33,7 @@ from pipeline.registry import (
     rolled_back,
     version_tags,
 )
-from pipeline.tracking import NightRun, flatten_params, is_secret_key, mlflow_client
-from tests.fake_registry import FakeRegistry, make_adapter_dir
+from tests.fakes.registry import FakeRegistry
 
 SECRET = "sk-live-0123456789abcdef"
 

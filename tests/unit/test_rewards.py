@@ -3,9 +3,9 @@
 import asyncio
 
 from pipeline.config import RewardConfig
-from pipeline.rewards import judge_reward, reward_functions
-from pipeline.rubrics import load_rubric
-from tests.fakes import FakeJudge
+from pipeline.judge.rubrics import load_rubric
+from pipeline.train.rewards import judge_reward, reward_functions
+from tests.fakes.judge import FakeJudge
 
 RUBRIC = load_rubric("helpfulness")
 

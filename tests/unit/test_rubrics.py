@@ -1,4 +1,4 @@
-"""Tests for pipeline.rubrics: the shipped rubrics load, keys and scales work, bad files fail in one line."""
+"""Tests for pipeline.judge.rubrics: the shipped rubrics load, keys and scales work, bad files fail in one line."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.rubrics import RUBRICS_DIR, Rubric, load_rubric, shipped_rubrics
+from pipeline.judge.rubrics import RUBRICS_DIR, Rubric, load_rubric, shipped_rubrics
 from storage.errors import UserError
 
 SHIPPED = ["concision", "correctness", "helpfulness", "safety"]

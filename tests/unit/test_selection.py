@@ -1,6 +1,6 @@
 """Select: weakest first, spread over topics, a stable held-out split that never overlaps training."""
 
-from pipeline.selection import is_heldout, select, topic_signature
+from pipeline.select import is_heldout, select, topic_signature
 
 
 def row(n: int, question: str, reward: float | None) -> dict:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.synthetic_traffic import (
+from pipeline.demo_world.synthetic_traffic import (
     DEFAULT_START,
     dumps_record,
     generate_records,

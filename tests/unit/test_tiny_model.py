@@ -1,4 +1,4 @@
-"""Tests for pipeline.tiny_model: deterministic offline build, loading, chat template, reuse rules."""
+"""Tests for pipeline.demo_world.tiny_model: deterministic offline build, loading, chat template, reuse rules."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from pipeline.tiny_model import SPECIAL_TOKENS, STAMP_FILE, TinyModelSpec, build_tiny_model
+from pipeline.demo_world.tiny_model import SPECIAL_TOKENS, STAMP_FILE, TinyModelSpec, build_tiny_model
 
 EXPECTED_FILES = {
     "chat_template.jinja",

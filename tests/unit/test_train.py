@@ -11,27 +11,32 @@ import pytest
 import torch
 
 from pipeline.config import LoraConfig, TrainConfig
-from pipeline.train import TrainPrompt, TrainResult, lora_config, night_bounds, prompt_dataset, run
-from pipeline.train_bounds import (
+from pipeline.results import TrainPrompt
+from pipeline.train.bounds import (
     KL_WINDOW,
     NO_SIGNAL_STEPS,
     ModelShape,
     StepMetrics,
     batch_layout,
-    completion_mask,
     early_stop_reason,
     estimate,
     estimate_from_shape,
     final_stop_reason,
-    kl_to_base,
-    load_job,
     lora_parameters,
-    masked_token_kl,
     matches_target,
     planned_steps,
     rolling_mean,
     step_metrics,
 )
+from pipeline.train.job import (
+    load_job,
+)
+from pipeline.train.kl import (
+    completion_mask,
+    kl_to_base,
+    masked_token_kl,
+)
+from pipeline.train.recipe import TrainResult, lora_config, night_bounds, prompt_dataset, run
 from storage.errors import UserError
 
 

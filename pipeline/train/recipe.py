@@ -13,7 +13,7 @@ Why it is built this way:
 - A night that cannot learn (every group's rewards tie, so every advantage is zero) stops early and
   writes nothing: the champion stays what it was, byte for byte.
 - Recipe layout as in torchtune: `setup / train / save / cleanup`; the pure rules live in
-  `pipeline.train_bounds`. The same code runs as several processes under `accelerate launch`
+  `pipeline.train.bounds`. The same code runs as several processes under `accelerate launch`
   (gloo on CPU): only the main process writes files, and stop decisions are taken on figures every
   process agrees on.
 """
@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -49,7 +48,8 @@ from transformers.trainer_callback import PrinterCallback
 
 from pipeline.adapters import check_adapter_dir, digest_of, file_digests
 from pipeline.config import LoraConfig, TrainConfig
-from pipeline.train_bounds import (
+from pipeline.results import TrainPrompt
+from pipeline.train.bounds import (
     PROMPT_TOKENS_GUESS,
     StepMetrics,
     TrainEstimate,
@@ -57,11 +57,11 @@ from pipeline.train_bounds import (
     early_stop_reason,
     estimate,
     final_stop_reason,
-    kl_to_base,
-    load_job,
     planned_steps,
     step_metrics,
 )
+from pipeline.train.job import load_job
+from pipeline.train.kl import kl_to_base
 from storage.errors import UserError
 
 __all__ = ["TrainEstimate", "TrainPrompt", "TrainResult", "estimate", "kl_to_base", "load_champion", "run"]
@@ -78,15 +78,6 @@ KL_PROBE_PROMPTS = 16  # training prompts the KL to the base is measured on afte
 # TRL computes reference log-probs (and logs `kl`) only when beta != 0. With beta = 0 the KL budget
 # still needs that figure, so the penalty is made negligible instead of absent.
 _MEASURE_ONLY_BETA = 1e-12
-
-
-@dataclass(frozen=True)
-class TrainPrompt:
-    """One training prompt: a chat that ends with a user turn, and what reward functions may use."""
-
-    messages: list[dict[str, str]]  # chat prompt (ends with a user turn)
-    reference: str | None = None  # passed to reward functions as the `reference` column
-    metadata: dict[str, Any] = field(default_factory=dict)  # each key becomes a column for the rewards
 
 
 @dataclass(frozen=True)
@@ -644,8 +635,3 @@ def main(argv: list[str] | None = None) -> int:
     if state.is_main_process:
         sys.stdout.write(json.dumps(result.as_json(), sort_keys=True) + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())

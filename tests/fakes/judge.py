@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from pipeline.judge import JudgeResult, JudgeStats
-from pipeline.rubrics import Rubric
+from pipeline.judge.client import JudgeResult, JudgeStats
+from pipeline.judge.rubrics import Rubric
 
 
 class FakeJudge:

@@ -19,8 +19,8 @@ import orjson
 from evals.calibration import CalibrationReport, calibrate
 from evals.graders import Grader, Sample, combine_scores, feedback_score, weighted_grader
 from pipeline.config import JudgeConfig, RewardConfig, ServingConfig
-from pipeline.judge import Judge, JudgeResult, JudgeSettings, JudgeStats, run_sync
-from pipeline.rubrics import Rubric
+from pipeline.judge.client import Judge, JudgeResult, JudgeSettings, JudgeStats, run_sync
+from pipeline.judge.rubrics import Rubric
 
 Progress = Callable[[int], None]
 

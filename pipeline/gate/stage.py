@@ -1,6 +1,6 @@
 """The gate stage: a track's suites, its reward as a scorer, a reply generator, and a written report.
 
-`pipeline.evaluate` knows how to evaluate a candidate given suites, a scorer and a generator;
+`pipeline.gate.evaluation` knows how to evaluate a candidate given suites, a scorer and a generator;
 `evals.gate` knows how to decide. This module builds those inputs from a track's configuration
 (the shipped or file suites it names plus its memory suite, the judge and graders of its reward,
 the vLLM server when one answers, the thresholds and decoding of its `gate` section) and writes the
@@ -23,7 +23,8 @@ from evals.gate import GateThresholds, plot_deltas, report_markdown
 from evals.graders import Sample, combine_scores, weighted_grader
 from evals.suites import Suite, build_memory_suite, load_suite, write_suite
 from pipeline.config import GateConfig, OvernightConfig, RewardConfig, TrainConfig
-from pipeline.evaluate import (
+from pipeline.deploy.vllm_client import VllmClient
+from pipeline.gate.evaluation import (
     Chat,
     Decoding,
     Evaluation,
@@ -33,12 +34,11 @@ from pipeline.evaluate import (
     ServerGenerator,
     evaluate_candidate,
 )
-from pipeline.judge import Judge, run_sync
-from pipeline.judging import read_judged
-from pipeline.rubrics import Rubric, load_rubric
-from pipeline.selection import select as select_prompts
-from pipeline.train import TrainPrompt
-from pipeline.vllm_client import VllmClient
+from pipeline.judge.client import Judge, run_sync
+from pipeline.judge.rubrics import Rubric, load_rubric
+from pipeline.judge.stage import read_judged
+from pipeline.results import TrainPrompt
+from pipeline.select import select as select_prompts
 from storage.models import Snapshot
 
 __all__ = [

@@ -16,8 +16,8 @@ import orjson
 
 from evals.graders import as_reward_function, weighted_grader
 from pipeline.config import RewardConfig
-from pipeline.judge import Judge
-from pipeline.rubrics import Rubric
+from pipeline.judge.client import Judge
+from pipeline.judge.rubrics import Rubric
 
 RewardFunction = Callable[..., Any]
 

@@ -42,7 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from pipeline.adapters import AdapterInvalid, AdapterVersion, verify_adapter
-from pipeline.vllm_client import Chat, ServedAdapter, ServerRequestFailed, VllmClient
+from pipeline.deploy.vllm_client import Chat, ServedAdapter, ServerRequestFailed, VllmClient
 from storage.errors import UserError
 from storage.models import Deployment
 

@@ -1,11 +1,12 @@
 """What bounds a night's GRPO update: batch layout, per-step metrics, the stop rules, the cost
-estimate, the KL of an adapter to its base, and the job file of `python -m pipeline.train`.
+and the cost estimate. (The KL of an adapter to its base is in `pipeline.train.kl`, the job file of
+`python -m pipeline.train` in `pipeline.train.job`.)
 
 Why a module of its own: the rules that decide when a night's update stops (steps, wall clock, KL
 to the champion, no learning signal) and the arithmetic that predicts its cost are what an operator
 reasons about when a night goes wrong, so they must be readable and unit-tested without a trainer
-or a process group. `pipeline.train` (the recipe) feeds them what TRL logs and acts on what they
-say. Everything here but `model_shape` and `kl_to_base` is pure.
+or a process group. `pipeline.train.recipe` (the recipe) feeds them what TRL logs and acts on what they
+say. Everything here but `model_shape` is pure.
 """
 
 from __future__ import annotations
@@ -13,19 +14,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline.config import TrainConfig
-from storage.errors import UserError
 
-KL_PROBE_SAMPLES = 2  # completions sampled per prompt when measuring the KL to the base
-KL_PROBE_BATCH = 4  # prompts per forward pass there (bounds the full-vocabulary logits held at once)
 PROMPT_TOKENS_GUESS = 256  # prompt length assumed by `estimate` when the prompts are not known yet
 STOP_REASONS = ("max_steps", "wall_clock", "kl_budget", "no_signal", "completed")
 KL_WINDOW = 3  # steps in the rolling mean of KL to the reference that the KL budget is checked against
@@ -364,153 +359,3 @@ def estimate(
         with_champion=with_champion,
         gradient_checkpointing=on_cuda,
     )
-
-
-# --------------------------------------------------------------------------- KL of the adapter to the base
-
-
-def completion_mask(completion_ids: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
-    """1.0 for each generated token up to and including the first stop token, 0.0 after it.
-
-    completion_ids: (B, C) token ids; returns (B, C) float.
-    """
-    is_stop = torch.isin(completion_ids, torch.tensor(list(stop_ids), device=completion_ids.device)).int()
-    stops_before = torch.cumsum(is_stop, dim=1) - is_stop
-    return (stops_before == 0).float()
-
-
-def masked_token_kl(
-    policy_logits: torch.Tensor, base_logits: torch.Tensor, mask: torch.Tensor
-) -> tuple[float, float]:
-    """Sum over the masked positions of KL(policy || base) over the vocabulary, and the number of positions.
-
-    policy_logits, base_logits: (B, C, V), already divided by the sampling temperature; mask: (B, C).
-    """
-    policy_logp = torch.log_softmax(policy_logits.float(), dim=-1)
-    base_logp = torch.log_softmax(base_logits.float(), dim=-1)
-    per_token = (policy_logp.exp() * (policy_logp - base_logp)).sum(dim=-1)  # (B, C)
-    return float((per_token * mask).sum()), float(mask.sum())
-
-
-@torch.no_grad()
-def kl_to_base(
-    model: Any,
-    tokenizer: PreTrainedTokenizerBase,
-    chats: Sequence[list[dict[str, str]]],
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    seed: int,
-    samples_per_prompt: int = KL_PROBE_SAMPLES,
-) -> float:
-    """Mean per-token KL(adapter || base) on completions the PeftModel `model` samples for `chats`.
-
-    Exact over the vocabulary at each generated position, at the training temperature (the same
-    quantity TRL's `kl` estimates per token), with the adapter disabled for the base. Sampling is
-    seeded, so the figure is reproducible.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    stop_ids = _stop_ids(model, tokenizer)
-    total = count = 0.0
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for start in range(0, len(chats), KL_PROBE_BATCH):
-                batch = chats[start : start + KL_PROBE_BATCH]
-                part, tokens = _probe_batch_kl(
-                    model, tokenizer, batch, stop_ids, max_new_tokens, temperature, samples_per_prompt
-                )
-                total, count = total + part, count + tokens
-    finally:
-        model.train(was_training)
-    return total / count if count else 0.0
-
-
-def _stop_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    configured = model.generation_config.eos_token_id
-    ids: list[int] = [configured] if isinstance(configured, int) else list(configured or [])
-    eos = tokenizer.eos_token_id
-    if isinstance(eos, int) and eos not in ids:
-        ids.append(eos)
-    return ids
-
-
-def _probe_batch_kl(
-    model: Any,
-    tokenizer: PreTrainedTokenizerBase,
-    chats: Sequence[list[dict[str, str]]],
-    stop_ids: list[int],
-    max_new_tokens: int,
-    temperature: float,
-    samples: int,
-) -> tuple[float, float]:
-    device = next(model.parameters()).device
-    encoded: Any = tokenizer.apply_chat_template(
-        list(chats), add_generation_prompt=True, tokenize=True, return_dict=True
-    )
-    inputs = tokenizer.pad({"input_ids": encoded["input_ids"]}, padding_side="left", return_tensors="pt").to(
-        device
-    )
-    sequences = model.generate(
-        **inputs,
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=max_new_tokens,
-        num_return_sequences=samples,
-        eos_token_id=stop_ids,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    prompt_length = inputs["input_ids"].shape[1]
-    mask = completion_mask(sequences[:, prompt_length:], stop_ids)
-    attention = torch.cat([inputs["attention_mask"].repeat_interleave(samples, dim=0), mask.long()], dim=1)
-    scored = slice(prompt_length - 1, -1)  # logits at position t predict token t + 1
-    policy = model(input_ids=sequences, attention_mask=attention).logits[:, scored] / temperature
-    with model.disable_adapter():
-        base = model(input_ids=sequences, attention_mask=attention).logits[:, scored] / temperature
-    return masked_token_kl(policy, base, mask)
-
-
-# --------------------------------------------------------------------------- job file (python -m pipeline.train)
-
-
-class JobPrompt(BaseModel):
-    """One prompt of a job file: the fields of `pipeline.train.TrainPrompt`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    messages: list[dict[str, str]]
-    reference: str | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-
-class TrainJob(BaseModel):
-    """What `python -m pipeline.train JOB.yaml` runs (JSON is YAML too)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    base_model: str  # Hugging Face model name or directory
-    out_dir: Path  # where the adapter, metrics.jsonl and train_result.json go
-    champion: Path | None = None  # the adapter to continue from; None trains a fresh LoRA
-    train: TrainConfig = TrainConfig()
-    prompts: list[JobPrompt] = Field(min_length=1)
-    graders: list[dict[str, Any]] = Field(min_length=1)  # evals.graders specs, each with an optional `weight`
-
-    def reward_weights(self) -> list[float]:
-        return [float(spec.get("weight", 1.0)) for spec in self.graders]
-
-
-def load_job(path: Path) -> TrainJob:
-    """The job file, validated; a problem is a one-line UserError naming the file and key."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        return TrainJob.model_validate(data)
-    except (OSError, yaml.YAMLError) as error:
-        raise UserError(f"{path}: cannot read the job: {str(error).splitlines()[0]}") from None
-    except ValidationError as error:
-        first = error.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise UserError(f"{path}: {where}: {first['msg']}") from None

@@ -1,6 +1,6 @@
 """Releasing versions: the registry and the serving endpoints moved together, serving first.
 
-`deploy_version` and `rollback` hot-swap every endpoint (`pipeline.hotswap.deploy`, all-or-nothing)
+`deploy_version` and `rollback` hot-swap every endpoint (`pipeline.deploy.hotswap.deploy`, all-or-nothing)
 and only then move the registry's aliases, so the registry never claims something that is not
 serving. Without a reachable server they move nothing and say why, unless `registry_only` is asked
 for explicitly. `night_services` builds what a night needs from config: the MLflow registry, the
@@ -16,14 +16,14 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from pipeline import hotswap
 from pipeline.adapters import AdapterVersion
 from pipeline.config import OvernightConfig
-from pipeline.evaluate import ServerGenerator
+from pipeline.deploy import hotswap as hotswap
+from pipeline.deploy.serving import serving_state
+from pipeline.deploy.vllm_client import VllmClient
+from pipeline.gate.evaluation import ServerGenerator
 from pipeline.night import NightServices
-from pipeline.registry import MlflowRegistry, Registry, RegistryError
-from pipeline.serving import serving_state
-from pipeline.vllm_client import VllmClient
+from pipeline.register.registry import MlflowRegistry, Registry, RegistryError
 from storage.errors import UserError
 
 __all__ = [

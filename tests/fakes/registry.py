@@ -2,7 +2,7 @@
 
 Versions live in a dict; each registered adapter is copied into `root/store/<track>/v<N>/` (the
 "artifact store"), so tests can tamper with a stored copy exactly as with MLflow's. Alias moves,
-tag rules and the fetch cache are the functions `pipeline.registry` uses, so the fake cannot drift
+tag rules and the fetch cache are the functions `pipeline.register.registry` uses, so the fake cannot drift
 from the real registry on them; `tests/unit/test_registry.py` runs the same contract tests on both.
 """
 
@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.adapters import AdapterVersion, adapter_sha256, check_adapter_dir
-from pipeline.registry import (
+from pipeline.register.registry import (
     ALIASES,
     CHALLENGER,
     CHAMPION,
@@ -31,7 +31,7 @@ from pipeline.registry import (
 
 
 class FakeRegistry:
-    """`pipeline.registry.Registry` in memory, with adapters copied under `root`."""
+    """`pipeline.register.registry.Registry` in memory, with adapters copied under `root`."""
 
     def __init__(self, root: Path, *, cache_dir: Path | None = None) -> None:
         self.root = Path(root)
@@ -110,31 +110,3 @@ class FakeRegistry:
             if info.version == version:
                 return info
         raise RegistryError(f"{track}: no version {version}")
-
-
-def make_adapter_dir(directory: Path, seed: int = 0, *, base_model: str = "tiny-model") -> Path:
-    """A small valid PEFT-style adapter directory (config + safetensors) whose bytes depend on `seed`."""
-    import json
-
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    config = {
-        "base_model_name_or_path": base_model,
-        "peft_type": "LORA",
-        "r": 4,
-        "lora_alpha": 8,
-        "target_modules": ["q_proj", "v_proj"],
-    }
-    (directory / "adapter_config.json").write_text(json.dumps(config, sort_keys=True), encoding="utf-8")
-    rng = np.random.default_rng(seed)
-    tensors = {
-        f"base_model.model.layers.0.self_attn.{module}.lora_{side}.weight": rng.standard_normal(
-            (4, 16) if side == "A" else (16, 4)
-        ).astype(np.float32)
-        for module in ("q_proj", "v_proj")
-        for side in ("A", "B")
-    }
-    save_file(tensors, str(directory / "adapter_model.safetensors"))
-    return directory

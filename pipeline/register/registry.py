@@ -32,7 +32,7 @@ from pipeline.adapters import (
     check_adapter_dir,
     verify_adapter,
 )
-from pipeline.tracking import ADAPTER_ARTIFACT, MlflowErrors, NightRun, mlflow_client
+from pipeline.register.mlflow_run import ADAPTER_ARTIFACT, MlflowErrors, NightRun, mlflow_client
 from storage.errors import UserError
 
 if TYPE_CHECKING:

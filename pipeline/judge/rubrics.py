@@ -29,7 +29,7 @@ from storage.errors import UserError
 
 __all__ = ["RUBRICS_DIR", "Rubric", "load_rubric", "shipped_rubrics"]
 
-RUBRICS_DIR = Path(__file__).parent / "assets" / "rubrics"
+RUBRICS_DIR = Path(__file__).parents[1] / "assets" / "rubrics"
 
 _FENCE = "---"
 _REQUIRED_KEYS = ("id", "version", "scale")

@@ -31,8 +31,8 @@ import orjson
 from sqlalchemy import Engine
 
 from pipeline.config import HarvestConfig, TrackFilter
-from pipeline.hash_set import CompactHashSet
-from pipeline.redaction import redact
+from pipeline.harvest.hash_set import CompactHashSet
+from pipeline.harvest.redaction import redact
 from storage import reads
 from storage.errors import InvalidRecord, UserError
 from storage.records import InteractionRecord, parse_record

@@ -16,9 +16,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.harvest import normalize_prompt, normalize_text
-from pipeline.judging import reference_of
-from pipeline.train import TrainPrompt
+from pipeline.harvest.stage import normalize_prompt, normalize_text
+from pipeline.judge.stage import reference_of
+from pipeline.results import TrainPrompt
 
 SIGNATURE_WORDS = 4  # words of the last user message that name a prompt's topic
 
@@ -42,7 +42,7 @@ class Selection:
 def select(
     judged: Iterable[dict[str, Any]], *, max_prompts: int, heldout_fraction: float, seed: int = 0
 ) -> Selection:
-    """From judged records (see `pipeline.judging`), the training and held-out prompts."""
+    """From judged records (see `pipeline.judge.stage`), the training and held-out prompts."""
     rows = list(judged)
     train_rows, heldout_rows = [], []
     for row in rows:

@@ -26,7 +26,7 @@ import httpx
 import orjson
 from sqlalchemy import Engine
 
-from pipeline.judge_prompt import (
+from pipeline.judge.prompt import (
     JudgeParseError,
     build_group_messages,
     build_pointwise_messages,
@@ -40,7 +40,7 @@ from pipeline.judge_prompt import (
     shuffled_order,
     text_sha256,
 )
-from pipeline.rubrics import Rubric
+from pipeline.judge.rubrics import Rubric
 from storage.errors import UserError
 from storage.judgments import StoredJudgment, cached_judgments, store_judgments
 

@@ -2,7 +2,7 @@
 a read-only view of what each endpoint serves.
 
 A champion is loaded under two names: `<track>@v<N>` (pinned: always that version) and `<track>` (the
-stable name clients call, later moved in place by `pipeline.hotswap.deploy`). Loading the pinned name
+stable name clients call, later moved in place by `pipeline.deploy.hotswap.deploy`). Loading the pinned name
 as well is what lets a hot-swap know which version the stable name serves (same directory) and what
 makes a rollback instant (the previous champion stays resident). Every adapter is checked against its
 recorded sha256 before the server starts, so a corrupt champion fails in a second, not after the
@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pipeline.adapters import AdapterVersion, verify_adapter
-from pipeline.hotswap import EndpointClient, version_serving
-from pipeline.vllm_client import VllmClient
-from pipeline.vllm_process import ServerSpec, VllmServer
+from pipeline.deploy.hotswap import EndpointClient, version_serving
+from pipeline.deploy.vllm_client import VllmClient
+from pipeline.deploy.vllm_process import ServerSpec, VllmServer
 from storage.errors import UserError
 
 __all__ = ["EndpointState", "load_champions", "serve", "serving_state", "start_serving"]

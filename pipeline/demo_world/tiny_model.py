@@ -423,7 +423,7 @@ def build_tiny_model(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m pipeline.tiny_model DIR [--seed N] [--overwrite]`."""
+    """`python -m pipeline.demo_world.tiny_model DIR [--seed N] [--overwrite]`."""
     parser = argparse.ArgumentParser(
         description="Build the tiny offline Llama model used by the demo and tests."
     )

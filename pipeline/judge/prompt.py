@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.rubrics import Rubric
+from pipeline.judge.rubrics import Rubric
 
 __all__ = [
     "PROMPT_TEMPLATE_VERSION",

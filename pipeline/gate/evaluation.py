@@ -1,0 +1,185 @@
+"""The evaluation half of the forgetting guard: score replies, measure drift, ask the gate.
+
+`evals.gate.decide` is pure: it judges scores it is given. This module produces those scores: the
+base, the champion and the candidate answer every suite case and every held-out prompt through a
+`ReplyGenerator` (`pipeline.gate.generation`); programmatic cases are scored by their graders, judge
+cases and held-out prompts by a `Scorer` the caller builds from the track's reward
+(`pipeline.gate.stage`); the candidate's KL to the base comes from `probe_kl`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from evals.gate import GateReport, GateThresholds, SuiteScores, decide
+from evals.suites import Suite, SuiteCase
+from pipeline.gate.generation import (
+    KL_PROBE_PROMPTS,
+    Chat,
+    Decoding,
+    InProcessGenerator,
+    ReplyGenerator,
+    ServerGenerator,
+    probe_kl,
+)
+from pipeline.results import TrainPrompt
+
+__all__ = ["Evaluation", "Scorer", "evaluate_candidate", "programmatic_cases", "score_suite"]
+
+logger = logging.getLogger(__name__)
+
+
+# Scores of replies: (conversations, replies, references, rubrics) -> one score or None per reply;
+# a rubric of None means the track's own. Built from the track's reward by `pipeline.gate.stage`.
+Scorer = Callable[
+    [Sequence[Chat], Sequence[str], Sequence[str | None], Sequence[str | None]], list[float | None]
+]
+
+
+def programmatic_cases(suite: Suite) -> list[SuiteCase]:
+    """The suite's cases a programmatic grader scores."""
+    return [case for case in suite.cases if not case.is_judge]
+
+
+def score_suite(suite: Suite, responses: Sequence[str]) -> list[float]:
+    """Scores of `responses`, one per programmatic case of `suite` in order; judge cases are left out."""
+    cases = programmatic_cases(suite)
+    if len(responses) != len(cases):
+        raise ValueError(
+            f"suite {suite.name!r}: {len(responses)} responses for {len(cases)} programmatic cases"
+        )
+    return [case.score(response) for case, response in zip(cases, responses, strict=True)]
+
+
+def _case_scores(
+    cases: Sequence[SuiteCase], replies: Sequence[str], scorer: Scorer | None
+) -> list[float | None]:
+    scores: list[float | None] = [
+        None if case.is_judge else case.score(reply) for case, reply in zip(cases, replies, strict=True)
+    ]
+    judged = [index for index, case in enumerate(cases) if case.is_judge]
+    if judged and scorer is not None:
+        verdicts = scorer(
+            [[dict(m) for m in cases[i].messages] for i in judged],
+            [replies[i] for i in judged],
+            [cases[i].reference for i in judged],
+            [cases[i].rubric for i in judged],
+        )
+        for index, verdict in zip(judged, verdicts, strict=True):
+            scores[index] = verdict
+    return scores
+
+
+def _paired(*columns: Sequence[float | None]) -> list[list[float]]:
+    """Keep the positions where every column has a score (a failed judgment drops the pair)."""
+    kept = [i for i in range(len(columns[0])) if all(column[i] is not None for column in columns)]
+    return [[float(column[i]) for i in kept] for column in columns]  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything the gate decided on, for the report and MLflow."""
+
+    report: GateReport
+    suites: list[SuiteScores]
+    heldout_candidate: list[float]
+    heldout_champion: list[float]
+    kl_to_base: float
+    generated: int  # replies generated (all three models)
+    backend: str  # "vllm" or "in-process"
+
+
+def evaluate_candidate(
+    base_model: str,
+    candidate: Path,
+    champion: Path | None,
+    suites: Sequence[Suite],
+    *,
+    thresholds: GateThresholds,
+    generator: ReplyGenerator | None = None,
+    scorer: Scorer | None = None,
+    heldout: Sequence[TrainPrompt] = (),
+    heldout_candidate: Sequence[float] = (),
+    heldout_champion: Sequence[float] = (),
+    decoding: Decoding = Decoding(),
+    score_base: bool = True,
+) -> Evaluation:
+    """The gate's evaluation of `candidate` against `champion` (the base when None).
+
+    Every suite case and every `heldout` prompt is answered by the candidate, the champion and (for
+    context, when `score_base`) the base through `generator` (in-process by default). Programmatic
+    cases are scored by their graders; judge cases and held-out replies by `scorer` (without one,
+    judge cases are not scored and held-out scores must be given as `heldout_candidate` /
+    `heldout_champion`). The KL gate gets the candidate's KL to the base on the first
+    `KL_PROBE_PROMPTS` suite prompts.
+    """
+    generator = generator or InProcessGenerator(base_model)
+    per_suite = [
+        [case for case in suite.cases if scorer is not None or not case.is_judge] for suite in suites
+    ]
+    cases = [case for suite_cases in per_suite for case in suite_cases]
+    prompts = [[dict(m) for m in case.messages] for case in cases] + [list(p.messages) for p in heldout]
+    models: dict[str, Path | None] = {"candidate": candidate, "champion": champion}
+    if score_base:
+        models["base"] = None
+    replies = {name: generator.replies(adapter, prompts, decoding) for name, adapter in models.items()}
+    n_cases = len(cases)
+    case_scores = {name: _case_scores(cases, reply[:n_cases], scorer) for name, reply in replies.items()}
+    scores = _suite_scores(suites, [len(suite_cases) for suite_cases in per_suite], case_scores)
+    if heldout and scorer is not None:
+        conversations = [list(p.messages) for p in heldout]
+        references = [p.reference for p in heldout]
+        rubrics = [None] * len(heldout)
+        judged = {
+            name: scorer(conversations, reply[n_cases:], references, rubrics)
+            for name, reply in replies.items()
+            if name != "base"
+        }
+        heldout_candidate, heldout_champion = _paired(judged["candidate"], judged["champion"])
+    # Suite prompts first; the held-out prompts when the suites have none.
+    kl_prompts = prompts[: min(n_cases, KL_PROBE_PROMPTS)] or prompts[n_cases : n_cases + KL_PROBE_PROMPTS]
+    kl = probe_kl(base_model, candidate, None, kl_prompts)
+    report = decide(
+        scores,
+        heldout_candidate=list(heldout_candidate),
+        heldout_champion=list(heldout_champion),
+        kl_to_base=kl,
+        thresholds=thresholds,
+    )
+    return Evaluation(
+        report=report,
+        suites=scores,
+        heldout_candidate=list(heldout_candidate),
+        heldout_champion=list(heldout_champion),
+        kl_to_base=kl,
+        generated=sum(len(reply) for reply in replies.values()),
+        backend="vllm" if isinstance(generator, ServerGenerator) else "in-process",
+    )
+
+
+def _suite_scores(
+    suites: Sequence[Suite], sizes: Sequence[int], case_scores: dict[str, list[float | None]]
+) -> list[SuiteScores]:
+    """Per-suite paired scores from the flat per-case scores (suites' cases are consecutive)."""
+    scores: list[SuiteScores] = []
+    start = 0
+    for suite, size in zip(suites, sizes, strict=True):
+        end = start + size
+        columns = [case_scores["candidate"][start:end], case_scores["champion"][start:end]]
+        if "base" in case_scores:
+            columns.append(case_scores["base"][start:end])
+        paired = _paired(*columns)
+        scores.append(
+            SuiteScores(
+                suite=suite.name,
+                candidate=paired[0],
+                champion=paired[1],
+                base=paired[2] if len(paired) > 2 else None,
+                safety=suite.is_safety,
+            )
+        )
+        start = end
+    return scores

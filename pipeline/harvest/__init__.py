@@ -1,0 +1,1 @@
+"""Harvest: read the window past the watermark, consent, redaction, dedup, caps, the snapshot."""

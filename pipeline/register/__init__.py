@@ -1,0 +1,1 @@
+"""Register: the MLflow model registry and the night's MLflow run."""

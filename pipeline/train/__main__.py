@@ -1,0 +1,10 @@
+"""`python -m pipeline.train JOB.yaml`: one training process (run it under `accelerate launch` for several)."""
+
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pipeline.train.recipe import main
+
+sys.exit(main())

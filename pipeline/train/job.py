@@ -1,0 +1,55 @@
+"""The job file of `python -m pipeline.train JOB.yaml`: what one training run is asked to do.
+
+Why its own module: the file is the contract between the night (or an operator launching several
+processes under `accelerate launch`) and the recipe, validated by pydantic so a typo is one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.config import TrainConfig
+from storage.errors import UserError
+
+
+class JobPrompt(BaseModel):
+    """One prompt of a job file: the fields of `pipeline.train.recipe.TrainPrompt`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[dict[str, str]]
+    reference: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainJob(BaseModel):
+    """What `python -m pipeline.train JOB.yaml` runs (JSON is YAML too)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str  # Hugging Face model name or directory
+    out_dir: Path  # where the adapter, metrics.jsonl and train_result.json go
+    champion: Path | None = None  # the adapter to continue from; None trains a fresh LoRA
+    train: TrainConfig = TrainConfig()
+    prompts: list[JobPrompt] = Field(min_length=1)
+    graders: list[dict[str, Any]] = Field(min_length=1)  # evals.graders specs, each with an optional `weight`
+
+    def reward_weights(self) -> list[float]:
+        return [float(spec.get("weight", 1.0)) for spec in self.graders]
+
+
+def load_job(path: Path) -> TrainJob:
+    """The job file, validated; a problem is a one-line UserError naming the file and key."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return TrainJob.model_validate(data)
+    except (OSError, yaml.YAMLError) as error:
+        raise UserError(f"{path}: cannot read the job: {str(error).splitlines()[0]}") from None
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise UserError(f"{path}: {where}: {first['msg']}") from None
