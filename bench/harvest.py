@@ -31,6 +31,8 @@ from pipeline.harvest.stage import harvest
 BENCH_DB = "overnight_bench"
 TEMPLATES = 20_000  # distinct generated records, varied to make every row unique
 
+KEY = b"test-pseudonym-key-0123456789"  # the keyed pseudonyms of user ids
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(
@@ -133,7 +135,7 @@ def _plain_read(url: str, track: str, expected: int) -> float:
 def _harvest(engine: Any, track: str, *, redact: bool) -> float:
     settings = HarvestConfig(redact_pii=redact, max_rows_per_user=10**9, max_chars=10**9)
     start = time.perf_counter()
-    result = harvest(engine, track, settings, TrackFilter(), batch_size=2000)
+    result = harvest(engine, track, settings, TrackFilter(), batch_size=2000, pseudonym_key=KEY)
     seconds = time.perf_counter() - start
     print(f"harvest {track} redact={redact}: {result.rows_read:,} rows in {seconds:.1f}s", file=sys.stderr)
     return result.rows_read / seconds
@@ -148,7 +150,7 @@ def _rss_in_child(url: str, track: str) -> float:
 
 def _child_rss(url: str, track: str) -> None:
     engine = storage.make_engine(url)
-    result = harvest(engine, track, HarvestConfig(), TrackFilter(), batch_size=2000)
+    result = harvest(engine, track, HarvestConfig(), TrackFilter(), batch_size=2000, pseudonym_key=KEY)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"rows": result.rows_read, "peak_rss_mb": round(peak, 1)}))
 

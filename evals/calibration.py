@@ -5,34 +5,25 @@ to game, silently steers every night's update the wrong way. Users' thumbs and r
 and noisy but independent of the judge; comparing the two on the rows that have both makes that
 failure visible: the rank correlation with ratings, how often the judge's verdict predicts the
 thumb, and the mean level of each. These figures are logged to MLflow with each night's run.
+
+The rank correlation is `scipy.stats.spearmanr` (average ranks for ties, which ratings have many
+of). Kept by hand around it: NaN and shape checks (scipy would propagate a NaN into the report),
+and None instead of scipy's NaN and `ConstantInputWarning` when there is nothing to correlate
+(fewer than three rated rows, or a side that never varies), so the metric is left out of MLflow.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from evals.graders import feedback_score
 
 __all__ = ["CalibrationReport", "calibrate", "spearman", "thumb_accuracy"]
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties sharing the mean of the ranks they span (shape (n,) -> (n,))."""
-    order = np.argsort(values, kind="mergesort")
-    ordered = values[order]
-    starts_group = np.concatenate(([True], ordered[1:] != ordered[:-1]))
-    group_of = np.cumsum(starts_group) - 1
-    starts = np.flatnonzero(starts_group)
-    ends = np.append(starts[1:], len(values))  # exclusive
-    mean_rank = (starts + ends + 1) / 2  # mean of (start + 1) .. end
-    ranks = np.empty(len(values), dtype=float)
-    ranks[order] = mean_rank[group_of]
-    return ranks
 
 
 def _as_array(values: Sequence[float], name: str) -> np.ndarray:
@@ -49,14 +40,10 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     xs, ys = _as_array(x, "x"), _as_array(y, "y")
     if len(xs) != len(ys):
         raise ValueError(f"x and y differ in length: {len(xs)} != {len(ys)}")
-    if len(xs) < 3:
+    if len(xs) < 3 or np.ptp(xs) == 0 or np.ptp(ys) == 0:
         return None
-    rank_x = _average_ranks(xs) - (len(xs) + 1) / 2
-    rank_y = _average_ranks(ys) - (len(ys) + 1) / 2
-    spread = math.sqrt(float(rank_x @ rank_x) * float(rank_y @ rank_y))
-    if spread == 0:
-        return None
-    return float(np.clip((rank_x @ rank_y) / spread, -1.0, 1.0))
+    result: Any = stats.spearmanr(xs, ys)  # scipy's stubs do not type the result
+    return float(result.statistic)
 
 
 def thumb_accuracy(scores: Sequence[float], thumbs: Sequence[int], threshold: float = 0.5) -> float | None:

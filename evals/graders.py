@@ -3,9 +3,17 @@
 A grader looks at one `Sample` (the prompt messages, the model's response, an optional reference)
 and returns a score in [0, 1]. The nightly gate averages those scores over a suite to catch
 forgetting; training wraps the very same grader with `as_reward_function` so that what is rewarded
-is what is measured (nanochat's `tasks/common.py`, TRL's `trl/rewards/`). Suites name graders with a
-small JSON object (`grader_from_spec`), so a bad suite line is a one-line `UserError`, not a crash
-in the middle of a night.
+is what is measured (nanochat's `tasks/common.py`, TRL's `trl/rewards/`).
+
+Suites and configs name graders with a small JSON object, e.g. `{"type": "regex", "pattern": "..."}`.
+Its checking comes from pydantic: one strict model per grader type (`ExactSpec` ... `JudgeSpec`),
+`extra="forbid"`, in the discriminated union `GraderSpec` on `type`, so an unknown key, a wrong type
+or a missing key is reported with its location and the first problem becomes a one-line `UserError`
+(`storage.records.describe_validation_error`), not a crash in the middle of a night. Kept by hand,
+because pydantic cannot know them: that a regex compiles, that a JSON schema is valid
+(`jsonschema`'s own `check_schema`), that a `python` target imports, and which graders need the
+case's reference (`missing_answer`). The graders themselves stay small dataclasses, built from the
+validated spec (`grader_from_spec`) or directly in code.
 
 The reward a night trains on is usually a blend: the LLM judge's score, a format check and whatever
 the user said (`feedback_score`). `combine_scores` blends them with weights and copes with the parts
@@ -20,22 +28,41 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 import jsonschema
 import jsonschema.exceptions
 import jsonschema.validators
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from storage.errors import UserError
+from storage.records import describe_validation_error
 
 __all__ = [
     "CallableGrader",
     "ContainsGrader",
+    "ContainsSpec",
     "ExactGrader",
+    "ExactSpec",
     "Grader",
+    "GraderSpec",
     "JsonSchemaGrader",
+    "JsonSchemaSpec",
+    "JudgeSpec",
     "NumericGrader",
+    "NumericSpec",
+    "PythonSpec",
     "RegexGrader",
+    "RegexSpec",
     "Sample",
     "WeightedReward",
     "as_reward_function",
@@ -45,6 +72,8 @@ __all__ = [
     "last_number",
     "load_callable",
     "regex_flags",
+    "validate_grader_spec",
+    "validated",
     "weighted_grader",
 ]
 
@@ -77,12 +106,6 @@ def _reference(grader_name: str, expected: str | None, sample: Sample) -> str:
     raise UserError(f"grader {grader_name!r}: the sample has no reference and the grader no 'expected'")
 
 
-def _check_choice(grader_name: str, key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        allowed = " or ".join(repr(choice) for choice in choices)
-        raise UserError(f"grader {grader_name!r}: {key!r} must be {allowed}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class ExactGrader:
     """1.0 when the response equals the reference after normalisation, else 0.0."""
@@ -109,21 +132,23 @@ class ExactGrader:
 class ContainsGrader:
     """1.0 when the response contains all (or any) of the substrings, else 0.0.
 
-    With no substrings given, the sample's reference is the one substring to look for.
+    With no substrings given, the sample's reference is the one substring to look for; a plain
+    string is one substring, not a set of characters.
     """
 
-    substrings: tuple[str, ...] = ()
-    mode: str = "all"  # "all" or "any"
+    substrings: Sequence[str] = ()
+    mode: Literal["all", "any"] = "all"
     case_sensitive: bool = False
     name: str = "contains"
 
     def __post_init__(self) -> None:
-        _check_choice(self.name, "mode", self.mode, ("all", "any"))
-        if isinstance(self.substrings, str):
-            object.__setattr__(self, "substrings", (self.substrings,))
+        substrings = self.substrings
+        object.__setattr__(
+            self, "substrings", (substrings,) if isinstance(substrings, str) else tuple(substrings)
+        )
 
     def score(self, sample: Sample) -> float:
-        needles = self.substrings or (_reference(self.name, None, sample),)
+        needles = tuple(self.substrings) or (_reference(self.name, None, sample),)
         haystack = sample.response
         if not self.case_sensitive:
             haystack = haystack.casefold()
@@ -146,18 +171,23 @@ _REGEX_FLAGS = {
 }
 
 
-def regex_flags(names: str | Sequence[str], grader_name: str = "regex") -> int:
-    """`["IGNORECASE", "DOTALL"]` (or short names, any case) as the `re` flags integer."""
+def regex_flags(names: str | Sequence[str]) -> int:
+    """`["IGNORECASE", "DOTALL"]` (or short names, any case) as the `re` flags integer; ValueError if unknown."""
     flags = 0
     for flag_name in [names] if isinstance(names, str) else names:
-        flag = _REGEX_FLAGS.get(str(flag_name).upper())
+        flag = _REGEX_FLAGS.get(flag_name.upper())
         if flag is None:
             known = ", ".join(name for name in _REGEX_FLAGS if len(name) > 1)
-            raise UserError(
-                f"grader {grader_name!r}: unknown regex flag {flag_name!r} in 'flags' (known: {known})"
-            )
+            raise ValueError(f"unknown regex flag {flag_name!r} (known: {known})")
         flags |= flag
     return flags
+
+
+def _compile(pattern: str, flags: int) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern, flags)
+    except re.error as error:
+        raise ValueError(f"invalid regex {pattern!r}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -168,20 +198,13 @@ class RegexGrader:
     """
 
     pattern: str
-    mode: str = "search"  # "search" or "fullmatch"
+    mode: Literal["search", "fullmatch"] = "search"
     flags: int = 0  # `re` flags; see `regex_flags` for names
     name: str = "regex"
     _compiled: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_choice(self.name, "mode", self.mode, ("search", "fullmatch"))
-        try:
-            compiled = re.compile(self.pattern, self.flags)
-        except re.error as error:
-            raise UserError(
-                f"grader {self.name!r}: invalid regex in 'pattern' {self.pattern!r}: {error}"
-            ) from None
-        object.__setattr__(self, "_compiled", compiled)
+        object.__setattr__(self, "_compiled", _compile(self.pattern, self.flags))
 
     def score(self, sample: Sample) -> float:
         if self.mode == "fullmatch":
@@ -209,6 +232,17 @@ def _extract_json(text: str) -> tuple[bool, Any]:
     return False, None
 
 
+def _schema_validator(schema: Mapping[str, Any]) -> Any:
+    """A jsonschema validator for `schema` (its draft from `$schema`); ValueError if the schema is invalid."""
+    validator_class = jsonschema.validators.validator_for(dict(schema))
+    try:
+        validator_class.check_schema(dict(schema))
+    except jsonschema.exceptions.SchemaError as error:
+        where = "/".join(str(part) for part in error.absolute_path) or "(root)"
+        raise ValueError(f"invalid schema at {where}: {error.message.splitlines()[0]}") from None
+    return validator_class(dict(schema))
+
+
 @dataclass(frozen=True)
 class JsonSchemaGrader:
     """1.0 when the response holds JSON (bare, fenced or embedded) that validates against the schema."""
@@ -218,19 +252,7 @@ class JsonSchemaGrader:
     _validator: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.schema, Mapping):
-            raise UserError(
-                f"grader {self.name!r}: 'schema' must be a JSON object, got {type(self.schema).__name__}"
-            )
-        schema = dict(self.schema)
-        validator_class = jsonschema.validators.validator_for(schema)
-        try:
-            validator_class.check_schema(schema)
-        except jsonschema.exceptions.SchemaError as error:
-            where = "/".join(str(part) for part in error.absolute_path) or "(root)"
-            message = error.message.splitlines()[0]
-            raise UserError(f"grader {self.name!r}: invalid 'schema' at {where}: {message}") from None
-        object.__setattr__(self, "_validator", validator_class(schema))
+        object.__setattr__(self, "_validator", _schema_validator(self.schema))
 
     def score(self, sample: Sample) -> float:
         found, value = _extract_json(sample.response)
@@ -242,21 +264,19 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
-def load_callable(target: str, grader_name: str = "python") -> Callable[..., Any]:
-    """Import `"package.module:function"` (the part after the colon may be dotted)."""
+def load_callable(target: str) -> Callable[..., Any]:
+    """Import `"package.module:function"` (the part after the colon may be dotted); ValueError if it fails."""
     module_name, colon, attribute = target.partition(":")
     if not colon or not module_name or not attribute:
-        raise UserError(f"grader {grader_name!r}: 'target' must look like 'module:function', got {target!r}")
+        raise ValueError(f"must look like 'module:function', got {target!r}")
     try:
         found: Any = importlib.import_module(module_name)
         for part in attribute.split("."):
             found = getattr(found, part)
     except Exception as error:
-        raise UserError(
-            f"grader {grader_name!r}: cannot load 'target' {target!r}: {_first_line(error)}"
-        ) from None
+        raise ValueError(f"cannot load {target!r}: {_first_line(error)}") from None
     if not callable(found):
-        raise UserError(f"grader {grader_name!r}: 'target' {target!r} is not callable")
+        raise ValueError(f"{target!r} is not callable")
     return found
 
 
@@ -269,14 +289,7 @@ class CallableGrader:
     _function: Callable[[Sample], float | bool] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.target, str):
-            function = load_callable(self.target, self.name or "python")
-        elif callable(self.target):
-            function = self.target
-        else:
-            raise UserError(
-                f"grader {self.name or 'python'!r}: 'target' must be 'module:function' or a callable"
-            )
+        function = load_callable(self.target) if isinstance(self.target, str) else self.target
         object.__setattr__(self, "_function", function)
         if not self.name:
             object.__setattr__(self, "name", getattr(function, "__name__", None) or str(self.target))
@@ -312,14 +325,9 @@ class NumericGrader:
     """
 
     expected: float | str | None = None
-    tolerance: float = 1e-6  # absolute
-    relative_tolerance: float = 0.0
+    tolerance: float = 1e-6  # absolute, >= 0
+    relative_tolerance: float = 0.0  # >= 0
     name: str = "numeric"
-
-    def __post_init__(self) -> None:
-        for key in ("tolerance", "relative_tolerance"):
-            if not getattr(self, key) >= 0:
-                raise UserError(f"grader {self.name!r}: {key!r} must be >= 0, got {getattr(self, key)!r}")
 
     def _expected(self, sample: Sample) -> float:
         for source in (self.expected, sample.reference, sample.metadata.get("answer")):
@@ -340,106 +348,183 @@ class NumericGrader:
         return float(math.isclose(got, expected, rel_tol=self.relative_tolerance, abs_tol=self.tolerance))
 
 
-# What each spec type accepts: key -> (allowed JSON types, required). "type" and "name" are common.
-_STR, _BOOL, _NUMBER_TYPES, _LIST, _OBJECT = (str,), (bool,), (int, float), (list,), (dict,)
-_SPEC_KEYS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
-    "exact": {
-        "expected": (_STR, False),
-        "case_sensitive": (_BOOL, False),
-        "strip": (_BOOL, False),
-        "normalize_whitespace": (_BOOL, False),
-    },
-    "contains": {
-        "substrings": (_STR + _LIST, False),
-        "mode": (_STR, False),
-        "case_sensitive": (_BOOL, False),
-    },
-    "regex": {"pattern": (_STR, True), "mode": (_STR, False), "flags": (_STR + _LIST, False)},
-    "json_schema": {"schema": (_OBJECT, True)},
-    "python": {"target": (_STR, True)},
-    "numeric": {
-        "expected": (_NUMBER_TYPES + _STR, False),
-        "tolerance": (_NUMBER_TYPES, False),
-        "relative_tolerance": (_NUMBER_TYPES, False),
-    },
-}
+# ---- grader specs: the JSON objects suites and configs name graders with ----------------------
 
 
-def _type_name(types: tuple[type, ...]) -> str:
-    names = {
-        str: "a string",
-        bool: "true/false",
-        int: "a number",
-        float: "a number",
-        list: "a list",
-        dict: "an object",
-    }
-    return " or ".join(dict.fromkeys(names[kind] for kind in types))
+def _one_or_many(value: Any) -> Any:
+    """A plain string where a list of strings is expected stands for the list of that one string."""
+    return [value] if isinstance(value, str) else value
 
 
-def _checked_options(kind: str, spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The spec's keys other than "type", each checked against `_SPEC_KEYS`; errors name the key."""
-    allowed = {**_SPEC_KEYS[kind], "name": (_STR, False)}
-    for key in spec:
-        if key != "type" and key not in allowed:
-            raise UserError(
-                f"grader type {kind!r}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})"
-            )
-    options: dict[str, Any] = {}
-    for key, (types, required) in allowed.items():
-        if key not in spec:
-            if required:
-                raise UserError(f"grader type {kind!r}: missing key {key!r}")
-            continue
-        value = spec[key]
-        wrong_bool = isinstance(value, bool) and bool not in types
-        if wrong_bool or not isinstance(value, types):
-            raise UserError(f"grader type {kind!r}: key {key!r} must be {_type_name(types)}, got {value!r}")
-        if isinstance(value, list) and not all(isinstance(item, str) for item in value):
-            raise UserError(f"grader type {kind!r}: key {key!r} must be a list of strings, got {value!r}")
-        options[key] = value
-    return options
+def _known_flags(names: list[str]) -> list[str]:
+    regex_flags(names)
+    return names
+
+
+def _loadable(target: str) -> str:
+    load_callable(target)
+    return target
+
+
+def _valid_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    _schema_validator(schema)
+    return schema
+
+
+_Strings = Annotated[list[str], BeforeValidator(_one_or_many)]  # "x" or ["x", "y"]
+_NonNegative = Annotated[float, Field(ge=0)]
+
+
+class _Spec(BaseModel):
+    """Strict: `"yes"` is not a boolean, `1` is not a string, and an unknown key is probably a typo."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class _GraderSpec(_Spec):
+    name: Annotated[str, Field(min_length=1)] | None = None  # what the score is logged under
+
+    def options(self) -> dict[str, Any]:
+        """The grader's keyword arguments: the keys the spec sets; the grader's defaults for the rest."""
+        written = self.model_dump(exclude={"type"}, exclude_unset=True, by_alias=True)
+        return {key: value for key, value in written.items() if value is not None}
+
+    def missing_answer(self, reference: str | None, metadata: Mapping[str, Any]) -> str | None:
+        """What a case with this reference and metadata lacks for this grader to score it; None if nothing."""
+        return None
+
+
+class ExactSpec(_GraderSpec):
+    type: Literal["exact"]
+    expected: str | None = None
+    case_sensitive: bool = False
+    strip: bool = True
+    normalize_whitespace: bool = True
+
+    def build(self) -> Grader:
+        return ExactGrader(**self.options())
+
+    def missing_answer(self, reference: str | None, metadata: Mapping[str, Any]) -> str | None:
+        if self.expected is None and reference is None:
+            return "type 'exact' needs 'expected' or the case's 'reference'"
+        return None
+
+
+class ContainsSpec(_GraderSpec):
+    type: Literal["contains"]
+    substrings: _Strings = Field(default_factory=list)
+    mode: Literal["all", "any"] = "all"
+    case_sensitive: bool = False
+
+    def build(self) -> Grader:
+        return ContainsGrader(**self.options())
+
+    def missing_answer(self, reference: str | None, metadata: Mapping[str, Any]) -> str | None:
+        if not self.substrings and reference is None:
+            return "type 'contains' needs 'substrings' or the case's 'reference'"
+        return None
+
+
+class RegexSpec(_GraderSpec):
+    type: Literal["regex"]
+    flags: Annotated[_Strings, AfterValidator(_known_flags)] = Field(default_factory=list)  # before `pattern`
+    pattern: str
+    mode: Literal["search", "fullmatch"] = "search"
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, pattern: str, info: ValidationInfo) -> str:
+        _compile(pattern, regex_flags(info.data.get("flags", [])))
+        return pattern
+
+    def build(self) -> Grader:
+        return RegexGrader(**{**self.options(), "flags": regex_flags(self.flags)})
+
+
+class JsonSchemaSpec(_GraderSpec):
+    type: Literal["json_schema"]
+    json_schema: Annotated[dict[str, Any], AfterValidator(_valid_schema)] = Field(alias="schema")
+
+    def build(self) -> Grader:
+        return JsonSchemaGrader(**self.options())
+
+
+class PythonSpec(_GraderSpec):
+    type: Literal["python"]
+    target: Annotated[str, AfterValidator(_loadable)]  # "package.module:function"
+
+    def build(self) -> Grader:
+        return CallableGrader(**self.options())
+
+
+class NumericSpec(_GraderSpec):
+    type: Literal["numeric"]
+    expected: float | str | None = None
+    tolerance: _NonNegative = 1e-6
+    relative_tolerance: _NonNegative = 0.0
+
+    def build(self) -> Grader:
+        return NumericGrader(**self.options())
+
+    def missing_answer(self, reference: str | None, metadata: Mapping[str, Any]) -> str | None:
+        if self.expected is None and reference is None and "answer" not in metadata:
+            return "type 'numeric' needs 'expected', the case's 'reference' or metadata 'answer'"
+        return None
+
+
+class JudgeSpec(_GraderSpec):
+    """A suite case the LLM judge scores (the judge stage), with the track's rubric unless one is named."""
+
+    type: Literal["judge"]
+    rubric: Annotated[str, Field(min_length=1)] | None = None
+
+    def build(self) -> Grader:
+        raise UserError("grader type 'judge' needs an LLM judge: it is scored by the judge stage, not here")
+
+
+GraderSpec = Annotated[
+    ExactSpec | ContainsSpec | RegexSpec | JsonSchemaSpec | PythonSpec | NumericSpec | JudgeSpec,
+    Field(discriminator="type"),
+]
+
+
+SpecModel = TypeVar("SpecModel", bound=BaseModel)
+
+
+class _Graded(_Spec):
+    grader: GraderSpec  # so that every error's location starts with "grader"
+
+
+class _Weighted(_Graded):
+    weight: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+
+
+def validated(model: type[SpecModel], data: dict[str, Any]) -> SpecModel:
+    """`data` as `model`; its first problem as a one-line UserError `key.path: problem`."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise UserError(describe_validation_error(error)) from None
+
+
+def validate_grader_spec(spec: Any) -> GraderSpec:
+    """The spec as its validated model (judge specs too); a one-line UserError such as
+    `grader.regex.pattern: invalid regex '(': ...` names the key at fault."""
+    return validated(_Graded, {"grader": dict(spec) if isinstance(spec, Mapping) else spec}).grader
 
 
 def grader_from_spec(spec: Mapping[str, Any]) -> Grader:
     """Build a grader from a suite line's `grader` object, e.g. `{"type": "regex", "pattern": "^\\d+$"}`."""
-    if not isinstance(spec, Mapping):
-        raise UserError(f"grader must be an object with a 'type' key, got {spec!r}")
-    if "type" not in spec:
-        raise UserError(f"grader: missing key 'type' (one of: {', '.join([*_SPEC_KEYS, 'judge'])})")
-    kind = spec["type"]
-    if kind == "judge":
-        raise UserError("grader type 'judge' needs an LLM judge: it is scored by the judge stage, not here")
-    if not isinstance(kind, str) or kind not in _SPEC_KEYS:
-        raise UserError(f"grader: unknown 'type' {kind!r} (one of: {', '.join([*_SPEC_KEYS, 'judge'])})")
-    options = _checked_options(kind, spec)
-    if kind == "contains" and "substrings" in options:
-        substrings = options["substrings"]
-        options["substrings"] = (substrings,) if isinstance(substrings, str) else tuple(substrings)
-    if kind == "regex" and "flags" in options:
-        options["flags"] = regex_flags(options["flags"], options.get("name", "regex"))
-    builders: dict[str, Callable[..., Grader]] = {
-        "exact": ExactGrader,
-        "contains": ContainsGrader,
-        "regex": RegexGrader,
-        "json_schema": JsonSchemaGrader,
-        "python": CallableGrader,
-        "numeric": NumericGrader,
-    }
-    return builders[kind](**options)
+    return validate_grader_spec(spec).build()
 
 
 def weighted_grader(spec: Mapping[str, Any]) -> tuple[float, Grader]:
-    """A reward config entry: a grader spec plus an optional `weight` (default 1.0, a number >= 0)."""
-    weight = spec.get("weight", 1.0)
-    if (
-        isinstance(weight, bool)
-        or not isinstance(weight, int | float)
-        or not math.isfinite(weight)
-        or weight < 0
-    ):
-        raise UserError(f"grader weight must be a finite number >= 0, got {weight!r}")
-    return float(weight), grader_from_spec({key: value for key, value in spec.items() if key != "weight"})
+    """A reward config entry: a grader spec plus an optional `weight` (default 1.0, a finite number >= 0)."""
+    data: dict[str, Any] = {"grader": {key: value for key, value in spec.items() if key != "weight"}}
+    if "weight" in spec:
+        data["weight"] = spec["weight"]
+    entry = validated(_Weighted, data)
+    return entry.weight, entry.grader.build()
 
 
 def _completion_text(completion: Any) -> str:

@@ -13,8 +13,12 @@ a candidate is judged against what the track already did well (`build_memory_sui
 
 A suite line:
 `{"id": str, "messages": [{role, content}...], "reference"?: str, "grader": {"type": ..., ...},
-"tags"?: [str], "metadata"?: {...}}`; grader types are those of `evals.graders.grader_from_spec`
-plus `{"type": "judge", "rubric"?: str}`, which the judge stage scores.
+"tags"?: [str], "metadata"?: {...}}`; grader types are those of `evals.graders.GraderSpec`, among
+them `{"type": "judge", "rubric"?: str}`, which the judge stage scores. A line is checked by the
+strict pydantic model `CaseSpec` (messages are `storage.records.Message`, the record's own), and its
+first problem becomes `path:line: key.path: problem`. Kept by hand: that the line is a JSON object,
+that ids are unique within the file, and that a grader that compares with an expected answer has
+one (`GraderSpec.missing_answer`, checked on the `grader` key).
 """
 
 from __future__ import annotations
@@ -27,13 +31,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from evals.graders import Grader, Sample, grader_from_spec
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from evals.graders import Grader, GraderSpec, Sample, grader_from_spec, validated
 from storage.errors import UserError
+from storage.records import Message
 
 __all__ = [
     "SHIPPED_SUITES_DIR",
+    "CaseSpec",
     "Suite",
     "SuiteCase",
     "all_uppercase",
@@ -49,10 +57,6 @@ __all__ = [
 ]
 
 SHIPPED_SUITES_DIR = Path(__file__).parent / "suites"
-ROLES = ("system", "user", "assistant", "tool")
-_CASE_KEYS = ("id", "messages", "reference", "grader", "tags", "metadata")  # also the order written
-_REQUIRED_KEYS = ("id", "messages", "grader")
-_JUDGE_KEYS = {"type": (str,), "rubric": (str,), "name": (str,)}
 
 
 @dataclass(frozen=True)
@@ -200,82 +204,51 @@ def _case_from_line(line: str) -> SuiteCase:
     return case_from_json(value)
 
 
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be blank")
+    return text
+
+
+def _model_answers_last(messages: list[Message]) -> list[Message]:
+    if messages[-1].role == "assistant":
+        raise ValueError("the last message must not be the assistant's: the model answers it")
+    return messages
+
+
+class CaseSpec(BaseModel):
+    """One suite line, validated strictly; `case_from_json` turns it into a `SuiteCase`."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    id: Annotated[str, AfterValidator(_not_blank)]
+    messages: Annotated[list[Message], Field(min_length=1), AfterValidator(_model_answers_last)]
+    reference: str | None = None
+    tags: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    grader: GraderSpec  # last: its check reads `reference` and `metadata`
+
+    @field_validator("grader")
+    @classmethod
+    def _answerable(cls, spec: GraderSpec, info: ValidationInfo) -> GraderSpec:
+        """Graders that compare with an expected answer need one: a missing one would fail mid-night."""
+        problem = spec.missing_answer(info.data.get("reference"), info.data.get("metadata", {}))
+        if problem is not None:
+            raise ValueError(problem)
+        return spec
+
+
 def case_from_json(value: Mapping[str, Any]) -> SuiteCase:
     """A validated `SuiteCase` from a suite line's object; UserError naming the key at fault."""
-    unknown = [key for key in value if key not in _CASE_KEYS]
-    if unknown:
-        raise UserError(f"unknown key {unknown[0]!r} (allowed: {', '.join(_CASE_KEYS)})")
-    missing = [key for key in _REQUIRED_KEYS if key not in value]
-    if missing:
-        raise UserError(f"missing key {missing[0]!r}")
-    case_id = value["id"]
-    if not isinstance(case_id, str) or not case_id.strip():
-        raise UserError(f"'id' must be a non-empty string, got {case_id!r}")
-    reference = value.get("reference")
-    if reference is not None and not isinstance(reference, str):
-        raise UserError(f"'reference' must be a string, got {reference!r}")
-    metadata = value.get("metadata", {})
-    if not isinstance(metadata, dict):
-        raise UserError(f"'metadata' must be an object, got {metadata!r}")
-    case = SuiteCase(
-        id=case_id,
-        messages=_checked_messages(value["messages"]),
-        grader=_checked_grader(value["grader"]),
-        reference=reference,
-        tags=_checked_tags(value.get("tags", [])),
-        metadata=dict(metadata),
+    spec = validated(CaseSpec, dict(value))
+    return SuiteCase(
+        id=spec.id,
+        messages=tuple(message.model_dump() for message in spec.messages),
+        grader=dict(value["grader"]),  # as written, so that the line is written back the same
+        reference=spec.reference,
+        tags=tuple(spec.tags),
+        metadata=spec.metadata,
     )
-    _check_answerable(case)
-    return case
-
-
-def _checked_messages(messages: Any) -> tuple[dict[str, str], ...]:
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f"'messages' must be a non-empty list, got {messages!r}")
-    checked = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or set(message) != {"role", "content"}:
-            raise UserError(f"messages[{index}] must be an object with exactly 'role' and 'content'")
-        role, content = message["role"], message["content"]
-        if role not in ROLES:
-            raise UserError(f"messages[{index}]: role must be one of {', '.join(ROLES)}, got {role!r}")
-        if not isinstance(content, str):
-            raise UserError(f"messages[{index}]: content must be a string, got {content!r}")
-        checked.append({"role": role, "content": content})
-    if checked[-1]["role"] == "assistant":
-        raise UserError("the last message must not be the assistant's: the model answers it")
-    return tuple(checked)
-
-
-def _checked_tags(tags: Any) -> tuple[str, ...]:
-    if not isinstance(tags, list) or not all(isinstance(tag, str) and tag for tag in tags):
-        raise UserError(f"'tags' must be a list of non-empty strings, got {tags!r}")
-    return tuple(tags)
-
-
-def _checked_grader(spec: Any) -> dict[str, Any]:
-    """The spec, checked: judge specs here, the others by building them with `grader_from_spec`."""
-    if isinstance(spec, dict) and spec.get("type") == "judge":
-        for key, item in spec.items():
-            if key not in _JUDGE_KEYS:
-                raise UserError(f"grader type 'judge': unknown key {key!r} (allowed: name, rubric, type)")
-            if not isinstance(item, _JUDGE_KEYS[key]) or not item:
-                raise UserError(f"grader type 'judge': key {key!r} must be a non-empty string, got {item!r}")
-        return dict(spec)
-    grader_from_spec(spec)  # raises a one-line UserError naming the grader key at fault
-    return dict(spec)
-
-
-def _check_answerable(case: SuiteCase) -> None:
-    """Graders that compare with an expected answer need one: a missing one would fail mid-night."""
-    kind, spec = case.grader.get("type"), case.grader
-    has_reference = case.reference is not None
-    if kind == "exact" and "expected" not in spec and not has_reference:
-        raise UserError("grader type 'exact' needs 'expected' or the case's 'reference'")
-    if kind == "contains" and not spec.get("substrings") and not has_reference:
-        raise UserError("grader type 'contains' needs 'substrings' or the case's 'reference'")
-    if kind == "numeric" and "expected" not in spec and not has_reference and "answer" not in case.metadata:
-        raise UserError("grader type 'numeric' needs 'expected', the case's 'reference' or metadata 'answer'")
 
 
 # ---- the memory suite ---------------------------------------------------------------------------
@@ -295,20 +268,18 @@ def _memory_case(record: Mapping[str, Any], track: str) -> SuiteCase:
     interaction_id = record["interaction_id"]
     if not isinstance(interaction_id, int) or isinstance(interaction_id, bool):
         raise ValueError(f"memory suite: 'interaction_id' must be an int, got {interaction_id!r}")
+    line = {
+        "id": f"{track}-{interaction_id}",
+        "messages": [{"role": m["role"], "content": m["content"]} for m in record["messages"]],
+        "grader": {"type": "judge"},
+        "reference": str(record["response"]),
+        "tags": ["memory"],
+        "metadata": {"reward": float(record["reward"]), "interaction_id": interaction_id},
+    }
     try:
-        messages = _checked_messages(
-            [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-        )
+        return case_from_json(line)
     except UserError as error:
         raise UserError(f"memory suite for {track!r}: interaction {interaction_id}: {error}") from None
-    return SuiteCase(
-        id=f"{track}-{interaction_id}",
-        messages=messages,
-        grader={"type": "judge"},
-        reference=str(record["response"]),
-        tags=("memory",),
-        metadata={"reward": float(record["reward"]), "interaction_id": interaction_id},
-    )
 
 
 def _rank(case: SuiteCase) -> tuple[float, int]:

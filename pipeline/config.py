@@ -175,7 +175,9 @@ class JudgeConfig(Section):
     concurrency: int = Field(default=8, ge=1, le=256)  # requests in flight at once
     timeout_seconds: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=4, ge=0)  # retries with exponential backoff and jitter
-    budget_items: int = Field(default=5000, ge=1)  # judged items per night at most (cache hits are free)
+    budget_items: int = Field(
+        default=5000, ge=1
+    )  # judged items per track per night at most (cache hits are free)
     temperature: float = Field(default=0.0, ge=0)
     max_tokens: int = Field(default=512, ge=1)  # tokens the judge may write (rationale + score)
     swap_orders: bool = False  # group mode: score two candidate orders and average (cancels position bias)
@@ -215,6 +217,15 @@ class ScheduleConfig(Section):
     timezone: str = "UTC"
     deployment_name: str = "overnight-nightly"
     work_pool: str | None = None  # Prefect work pool; None: served by `overnight schedule` itself
+    lease_seconds: float = Field(
+        default=60.0, gt=0
+    )  # a night's runner renews its lease; a killed one's expires
+
+
+class PrivacyConfig(Section):
+    # key of the user-id pseudonyms in training data (16+ characters); None: generated on first use and
+    # kept in <home>/secrets/pseudonym.key (owner-only). Changing it changes every pseudonym.
+    pseudonym_key: SecretStr | None = None
 
 
 class OvernightConfig(Section):
@@ -227,6 +238,7 @@ class OvernightConfig(Section):
     mlflow: MlflowConfig = MlflowConfig()
     serving: ServingConfig = ServingConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _tracks_are_unique_and_overrides_valid(self) -> OvernightConfig:
@@ -261,6 +273,10 @@ class OvernightConfig(Section):
 
     def snapshot_dir(self) -> Path:
         return Path(self.home) / "snapshots"
+
+    def pseudonym_key_text(self) -> str | None:
+        key = self.privacy.pseudonym_key
+        return key.get_secret_value() if key else None
 
 
 def _merged(defaults: SectionT, overrides: Mapping[str, Any]) -> SectionT:

@@ -1,12 +1,19 @@
 """One track's night, stage by stage, resumable: harvest → judge → select → train → gate → register → deploy → commit.
 
-Each stage is a plain function of the night and the details the stages before it recorded. `Night.stage`
-runs one through the SQL ledger (`storage.runs`): a stage that already finished for this run is not
-run again, its recorded detail is returned instead; so a night killed anywhere is re-run for the same
-window and continues after its last finished stage, without a second harvest, a second registered
-version or a second deployment. Registration is also idempotent on its own (a version carries the
-run's key as a tag), for the case where the process died after MLflow created the version but before
-the ledger heard of it. The watermark moves in the last stage only.
+Each stage is a plain function of the night and the typed results of the stages before it
+(`pipeline.results`), and returns its own. `Night.stage` runs one through the SQL ledger
+(`storage.runs`): a stage that already finished for this run is not run again, its recorded result
+is read back (typed) instead; so a night killed anywhere is re-run for the same window and continues
+after its last finished stage, without a second harvest, a second registered version or a second
+deployment. Registration is also idempotent on its own (a version carries the run's key as a tag),
+for the case where the process died after MLflow created the version but before the ledger heard of
+it. The watermark moves in the last stage only. Every result goes to the night's log (MLflow) through
+one hook, `NightLog.log`.
+
+One runner per track-night: opening a `Night` takes the run's lease (`storage.runs.take_lease`) and a
+thread renews it while the night runs; a second runner sees `busy` (who, since when) and does not run
+a stage. A runner killed mid-night loses its lease after `schedule.lease_seconds`, and the next one
+resumes the night.
 
 `OVERNIGHT_CRASH_AT=<stage>` makes the process exit abruptly (as a SIGKILL would) right after that
 stage's side effects and before the ledger records it: the tests use it to kill a night in each stage.
@@ -19,63 +26,81 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 
-from evals.gate import GateReport
 from pipeline.adapters import AdapterVersion, file_digests, file_sha256
 from pipeline.config import OvernightConfig, TrackConfig
-from pipeline.gate import stage as gating
-from pipeline.gate.evaluation import ReplyGenerator
+from pipeline.gate import stage as gate_stage
+from pipeline.gate.memory import update_memory_suite
 from pipeline.harvest import stage as harvest_stage
-from pipeline.judge.client import Judge, LlmJudge
+from pipeline.harvest.pseudonyms import pseudonym_key
+from pipeline.judge import stage as judge_stage
+from pipeline.judge.client import Judge
 from pipeline.judge.rubrics import load_rubric
-from pipeline.judge.stage import judge_records, judge_settings, read_judged
-from pipeline.register.mlflow_run import NightRun
-from pipeline.register.registry import Registry, version_tags
-from pipeline.results import TrainPrompt
+from pipeline.register.night_log import NightLog, NightLogContext
+from pipeline.register.registry import version_tags
+from pipeline.results import (
+    Committed,
+    Deployed,
+    GateDecision,
+    Harvested,
+    Judged,
+    Registered,
+    Selected,
+    StageResult,
+    Trained,
+    TrainPrompt,
+)
 from pipeline.select import select as select_prompts
-from pipeline.train.recipe import RESULT_FILE
-from pipeline.train.recipe import run as train_run
+from pipeline.services import NightServices
+from pipeline.train import recipe
 from pipeline.train.rewards import reward_functions
 from storage import runs as ledger
 from storage.reads import get_snapshot
 
-__all__ = ["STAGES", "Night", "NightServices", "night_of"]
+__all__ = ["STAGES", "Night", "NightOutcome", "night_of", "night_status", "summarize"]
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("harvest", "judge", "select", "train", "gate", "register", "deploy", "commit")
+RESULT_TYPES: dict[str, type[StageResult]] = {
+    "harvest": Harvested,
+    "judge": Judged,
+    "select": Selected,
+    "train": Trained,
+    "gate": GateDecision,
+    "register": Registered,
+    "deploy": Deployed,
+    "commit": Committed,
+}
 CRASH_ENV = "OVERNIGHT_CRASH_AT"
 
-Deployer = Callable[[AdapterVersion], dict[str, Any]]  # hot-swap onto every endpoint; raises on failure
+R = TypeVar("R", bound=StageResult)
 
 
-@dataclass
-class NightServices:
-    """The external systems a night uses, so tests can hand in fakes."""
-
-    registry: Registry
-    deploy: Deployer | None  # None: no serving configured or reachable; promotion waits as `challenger`
-    generator: ReplyGenerator | None = None  # gate replies through vLLM; None: in-process
-    judge: Judge | None = None  # None: the configured LLM judge
-
-
-def night_of(now: Any, timezone: str) -> str:
+def night_of(now: datetime, timezone: str) -> str:
     """The night's label (YYYY-MM-DD) in the schedule's time zone."""
     from zoneinfo import ZoneInfo
 
     return now.astimezone(ZoneInfo(timezone)).date().isoformat()
 
 
+def runner_name() -> str:
+    """This process, as other runners are told who holds a night: `host:pid`."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 @dataclass
 class Night:
-    """One track's night: its config, store, ledger row and working directory."""
+    """One track's night: its config, store, ledger row, lease, log and working directory."""
 
     config: OvernightConfig
     engine: Engine
@@ -83,15 +108,39 @@ class Night:
     night: str
     services: NightServices
     force: bool = False
+    runner: str = field(default_factory=runner_name)
     run_id: int = 0
     finished: dict[str, Any] | None = None  # the summary of a night that had already finished
-    details: dict[str, dict[str, Any]] = field(default_factory=dict)
-    _mlflow_run: NightRun | None = field(default=None, init=False, repr=False)
+    busy: ledger.Lease | None = None  # another runner holds this night
+    _log: NightLog | None = field(default=None, init=False, repr=False)
+    _stop_renewing: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.run_id, done = ledger.open_run(self.engine, self.track, self.night, force=self.force)
         if done is not None:
             self.finished = dict(done.summary)
+            return
+        lease = ledger.take_lease(self.engine, self.run_id, self.runner, self._ttl)
+        if not lease.held:
+            self.busy = lease
+            return
+        threading.Thread(target=self._renew, name=f"lease-{self.track}", daemon=True).start()
+
+    @property
+    def _ttl(self) -> timedelta:
+        return timedelta(seconds=self.config.schedule.lease_seconds)
+
+    def _renew(self) -> None:
+        interval = self.config.schedule.lease_seconds / 3
+        while not self._stop_renewing.wait(interval):
+            if not ledger.renew_lease(self.engine, self.run_id, self.runner, self._ttl):
+                logger.error("%s %s: lost the lease of run %d", self.track, self.night, self.run_id)
+                return
+
+    def release(self) -> None:
+        """Stop renewing and give the lease up (the night is done, failed or abandoned)."""
+        self._stop_renewing.set()
+        ledger.release_lease(self.engine, self.run_id, self.runner)
 
     @property
     def spec(self) -> TrackConfig:
@@ -103,63 +152,65 @@ class Night:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    @property
+    def judge(self) -> Judge:
+        return self.services.judge_for(self.track)
+
+    @property
+    def log(self) -> NightLog:
+        if self._log is None:
+            self._log = self.services.night_log(self._log_context())
+        return self._log
+
     # ------------------------------------------------------------------ ledger
 
-    def stage(self, name: str, body: Callable[[Night], dict[str, Any]]) -> dict[str, Any]:
-        """Run `body` as stage `name` unless this run already finished it; returns its detail."""
+    def stage(self, name: str, body: Callable[..., R], *inputs: StageResult) -> R:
+        """Run `body(self, *inputs)` as stage `name` unless this run already finished it; returns its result."""
+        result_type = RESULT_TYPES[name]
         done = ledger.finished_stage(self.engine, self.run_id, name)
         if done is not None:
             logger.info("%s %s: %s already done, not repeated", self.track, self.night, name)
-            self.details[name] = done
-            return done
+            return result_type.model_validate(done)  # type: ignore[return-value]
         ledger.start_stage(self.engine, self.run_id, name)
         try:
-            detail = body(self)
+            result = body(self, *inputs)
+            self.log.log(result)
         except BaseException as error:
             ledger.finish_stage(self.engine, self.run_id, name, {"error": str(error)[:500]}, status="failed")
             raise
         if os.environ.get(CRASH_ENV) == name:
             logger.error("%s=%s: exiting abruptly after the stage's side effects", CRASH_ENV, name)
             os._exit(137)
-        ledger.finish_stage(self.engine, self.run_id, name, detail)
-        self.details[name] = detail
-        return detail
-
-    def mlflow(self) -> NightRun:
-        """The night's MLflow run, created once and resumed by id after a crash."""
-        if self._mlflow_run is not None:
-            return self._mlflow_run
-        mlflow = self.config.mlflow
-        run = ledger.get_run(self.engine, self.run_id)
-        night_run = NightRun(
-            mlflow.tracking_uri,
-            f"{mlflow.experiment_prefix}{self.track}",
-            f"{self.track}-{self.night}-a{run.attempt}",
-            artifact_location=mlflow.artifact_location,
-            tags={"track": self.track, "night": self.night, "overnight_run": str(self.run_id)},
-        )
-        if run.mlflow_run_id:
-            night_run.resume(run.mlflow_run_id)
-        else:
-            ledger.set_run_fields(self.engine, self.run_id, mlflow_run_id=night_run.start())
-        self._mlflow_run = night_run
-        return night_run
+        ledger.finish_stage(self.engine, self.run_id, name, result.as_json())
+        return result
 
     def fail(self, error: BaseException) -> None:
         ledger.finish_run(
             self.engine, self.run_id, "failed", {"track": self.track, "error": str(error)[:500]}
         )
+        self.release()
 
-    def judge(self) -> Judge:
-        if self.services.judge is not None:
-            return self.services.judge
-        return LlmJudge(judge_settings(self.config.judge, self.config.serving), engine=self.engine)
+    def _log_context(self) -> NightLogContext:
+        mlflow = self.config.mlflow
+        run = ledger.get_run(self.engine, self.run_id)
+        return NightLogContext(
+            tracking_uri=mlflow.tracking_uri,
+            experiment=f"{mlflow.experiment_prefix}{self.track}",
+            run_name=f"{self.track}-{self.night}-a{run.attempt}",
+            artifact_location=mlflow.artifact_location,
+            tags={"track": self.track, "night": self.night, "overnight_run": str(self.run_id)},
+            config_params=self.config.model_copy(update={"tracks": []}),
+            track_params=self.spec,
+            rubric_text=lambda: load_rubric(self.spec.rubric).text,
+            resume_id=run.mlflow_run_id,
+            on_start=lambda run_id: ledger.set_run_fields(self.engine, self.run_id, mlflow_run_id=run_id),
+        )
 
 
 # ---------------------------------------------------------------------- stages
 
 
-def harvest(night: Night) -> dict[str, Any]:
+def harvest(night: Night) -> Harvested:
     stored = _unfinished_snapshot(night)
     if stored is not None:  # the process died after harvesting: the same window, already on disk
         return stored
@@ -171,17 +222,13 @@ def harvest(night: Night) -> dict[str, Any]:
         spec.filter,
         batch_size=night.config.database.batch_size,
         snapshot_dir=night.config.snapshot_dir(),
+        pseudonym_key=pseudonym_key(night.config.pseudonym_key_text(), night.config.home),
     )
     ledger.set_run_fields(night.engine, night.run_id, snapshot_id=snapshot.snapshot_id)
-    detail = snapshot.as_json()
-    run = night.mlflow()
-    run.log_window(detail)
-    run.log_params(night.config.model_dump(exclude={"tracks"}), prefix="config.")
-    run.log_params(spec.model_dump(), prefix="track.")
-    return detail
+    return snapshot.result()
 
 
-def _unfinished_snapshot(night: Night) -> dict[str, Any] | None:
+def _unfinished_snapshot(night: Night) -> Harvested | None:
     """The snapshot this run harvested before it died, when its file is intact."""
     snapshot_id = ledger.get_run(night.engine, night.run_id).snapshot_id
     if snapshot_id is None:
@@ -203,45 +250,36 @@ def _unfinished_snapshot(night: Night) -> dict[str, Any] | None:
     logger.info(
         "%s %s: reusing snapshot %d harvested before the crash", night.track, night.night, snapshot_id
     )
-    return {
-        "track": night.track,
-        "rows": snapshot.rows_kept,
-        "read": snapshot.rows_read,
-        "dropped": dict(snapshot.dropped),
-        "redactions": dict(snapshot.redactions),
-        "sha256": snapshot.sha256,
-        "window": window,
-        "source": snapshot.source,
-        "snapshot_id": snapshot_id,
-        "path": str(path),
-        "reused": True,
-    }
-
-
-def judge(night: Night) -> dict[str, Any]:
-    snapshot = night.details["harvest"]
-    rubric = load_rubric(night.spec.rubric)
-    out = Path(snapshot["path"]).with_suffix(".judged.jsonl")
-    judge_ = night.judge()
-    result = judge_records(
-        harvest_stage.read_snapshot(Path(snapshot["path"])),
-        rubric=rubric,
-        judge=judge_,
-        reward=night.spec.reward,
-        out=out,
+    return Harvested(
+        track=night.track,
+        rows=snapshot.rows_kept,
+        read=snapshot.rows_read,
+        dropped=dict(snapshot.dropped),
+        redactions=dict(snapshot.redactions),
+        sha256=snapshot.sha256,
+        window=window,
+        source=snapshot.source,
+        snapshot_id=snapshot_id,
+        path=path,
+        reused=True,
     )
-    detail = {"rubric": rubric.key, "judge_model": getattr(judge_, "model", None), **result.as_json()}
-    run = night.mlflow()
-    run.log_judge(detail["judge"], detail["calibration"])
-    run.log_metrics({"judge/mean_reward": result.mean_reward, "judge/scored": result.scored})
-    run.log_text("rubric.md", rubric.text)
-    return detail
 
 
-def select(night: Night) -> dict[str, Any]:
+def judge(night: Night, harvested: Harvested) -> Judged:
+    assert harvested.path is not None, "a night's harvest always writes its snapshot"
+    return judge_stage.judge_snapshot(
+        harvest_stage.read_snapshot(harvested.path),
+        spec=night.spec,
+        judge=night.judge if night.spec.reward.judge > 0 else None,
+        out=harvested.path.with_suffix(".judged.jsonl"),
+    )
+
+
+def select(night: Night, judged: Judged) -> Selected:
     train = night.config.train_for(night.track)
+    assert judged.path is not None, "a night's judge stage always writes the judged snapshot"
     chosen = select_prompts(
-        read_judged(night.details["judge"]["path"]),
+        judge_stage.read_judged(judged.path),
         max_prompts=train.max_prompts,
         heldout_fraction=train.heldout_fraction,
         seed=train.seed,
@@ -249,23 +287,32 @@ def select(night: Night) -> dict[str, Any]:
     paths = {}
     for name, prompts in (("train", chosen.train), ("heldout", chosen.heldout)):
         path = night.run_dir / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(_prompt_json(p)) + "\n" for p in prompts), encoding="utf-8")
-        paths[f"{name}_path"] = str(path)
-    return {**chosen.as_json(), **paths}
+        path.write_text("".join(json.dumps(p.as_json()) + "\n" for p in prompts), encoding="utf-8")
+        paths[name] = path
+    return Selected(
+        train=len(chosen.train),
+        heldout=len(chosen.heldout),
+        considered=chosen.considered,
+        unscored=chosen.unscored,
+        train_path=paths["train"],
+        heldout_path=paths["heldout"],
+    )
 
 
-def train(night: Night) -> dict[str, Any]:
-    selected = night.details["select"]
-    prompts = _read_prompts(selected["train_path"])
+def train(night: Night, selected: Selected) -> Trained:
+    prompts = read_prompts(selected.train_path)
     if not prompts:
-        return {"stop_reason": "no_prompts", "steps": 0, "adapter_dir": None}
+        return Trained(steps=0, stop_reason="no_prompts")
     champion = champion_adapter(night)
+    champion_version = champion.version if champion else None
     finished = _finished_training(night.run_dir / "train")
     if finished is not None:  # the process died after training finished: keep the adapter
-        return {**finished, "champion_version": champion.version if champion else None, "reused": True}
-    judge_ = night.judge() if night.spec.reward.judge > 0 else None
-    functions, weights = reward_functions(night.spec.reward, judge_, load_rubric(night.spec.rubric))
-    result = train_run(
+        return finished.model_copy(update={"champion_version": champion_version, "reused": True})
+    spec = night.spec
+    functions, weights = reward_functions(
+        spec.reward, night.judge if spec.reward.judge > 0 else None, load_rubric(spec.rubric)
+    )
+    result = recipe.run(
         night.config.train_for(night.track),
         prompts,
         functions,
@@ -274,152 +321,150 @@ def train(night: Night) -> dict[str, Any]:
         out_dir=night.run_dir / "train",
         champion=champion.path if champion else None,
     )
-    night.mlflow().log_training(result.metrics_path)
-    return {**result.as_json(), "champion_version": champion.version if champion else None}
+    return Trained.model_validate({**result.as_json(), "champion_version": champion_version})
 
 
-def _finished_training(out_dir: Path) -> dict[str, Any] | None:
+def _finished_training(out_dir: Path) -> Trained | None:
     """A training result written before a crash, when its adapter files still match their digests."""
-    result_file = out_dir / RESULT_FILE
+    result_file = out_dir / recipe.RESULT_FILE
     if not result_file.exists():
         return None
-    result = json.loads(result_file.read_text(encoding="utf-8"))
-    adapter_dir = result.get("adapter_dir")
-    if adapter_dir and file_digests(Path(adapter_dir)) != result.get("adapter_sha256"):
+    result = Trained.model_validate_json(result_file.read_text(encoding="utf-8"))
+    if result.adapter_dir and file_digests(result.adapter_dir) != result.adapter_sha256:
         return None
     return result
 
 
-def gate(night: Night) -> dict[str, Any]:
-    trained = night.details["train"]
-    if not trained.get("adapter_dir"):
-        return {"passed": False, "skipped": True, "reason": trained["stop_reason"]}
-    spec = night.spec
+def gate(night: Night, trained: Trained, selected: Selected) -> GateDecision:
+    if trained.adapter_dir is None:
+        return GateDecision(passed=False, skipped=True, reason=trained.stop_reason)
     champion = champion_adapter(night)
-    judge_ = night.judge() if spec.reward.judge > 0 else None
-    outcome = gating.gate_candidate(
-        base_model=night.config.base_model_for(night.track),
-        candidate=Path(trained["adapter_dir"]),
+    return gate_stage.gate_track(
+        night.config,
+        night.track,
+        candidate=trained.adapter_dir,
         champion=champion.path if champion else None,
-        suites=gating.track_suites(night.config, night.track),
-        gate=night.config.gate_for(night.track),
-        scorer=gating.reward_scorer(spec.reward, judge_, load_rubric(spec.rubric)),
-        heldout=_read_prompts(night.details["select"]["heldout_path"]),
+        heldout=read_prompts(selected.heldout_path),
+        judge=night.judge if night.spec.reward.judge > 0 else None,
         generator=night.services.generator,
         report_dir=night.run_dir / "gate",
     )
-    run = night.mlflow()
-    run.log_gate(outcome.evaluation.report)
-    run.log_adapter(Path(trained["adapter_dir"]))  # kept with the run whether or not it is promoted
-    return outcome.as_json()
 
 
-def register(night: Night) -> dict[str, Any]:
-    decided = night.details["gate"]
-    if not decided.get("passed"):
-        return {"version": None}
+def register(
+    night: Night, harvested: Harvested, judged: Judged, trained: Trained, decision: GateDecision
+) -> Registered:
+    if not decision.passed or trained.adapter_dir is None:
+        return Registered(version=None)
     registry = night.services.registry
     key = str(night.run_id)
     for info in registry.versions(night.track):  # the process may have died after MLflow registered it
         if info.tags.get("overnight_run") == key:
-            return {"version": info.version, "reused": True}
-    trained = night.details["train"]
-    run = night.mlflow()
+            return Registered(version=info.version, reused=True)
     tags = {
         "overnight_run": key,
         "night": night.night,
         **version_tags(
-            gate=GateReport.from_json(decided),
+            gate=decision.report(),
             base_model=night.config.base_model_for(night.track),
-            dataset_sha256=night.details["harvest"]["sha256"],
-            judge_model=str(night.details["judge"].get("judge_model")),
-            rubric_version=night.details["judge"]["rubric"],
-            stop_reason=trained["stop_reason"],
+            dataset_sha256=harvested.sha256,
+            judge_model=str(judged.judge_model),
+            rubric_version=judged.rubric,
+            stop_reason=trained.stop_reason,
         ),
     }
-    version = registry.register(night.track, Path(trained["adapter_dir"]), run_id=run.run_id, tags=tags)
+    version = registry.register(night.track, trained.adapter_dir, run_id=night.log.run_id, tags=tags)
     ledger.set_run_fields(night.engine, night.run_id, candidate_version=str(version))
-    return {"version": version, "reused": False}
+    return Registered(version=version)
 
 
-def deploy(night: Night) -> dict[str, Any]:
-    version = night.details["register"].get("version")
+def deploy(night: Night, registered: Registered) -> Deployed:
+    version = registered.version
     if version is None:
-        return {"deployed": False}
+        return Deployed(deployed=False)
     registry = night.services.registry
     if registry.version_for(night.track, "champion") == version:
-        return {"deployed": True, "version": version, "already": True}
+        return Deployed(deployed=True, version=version, already=True)
     if night.services.deploy is None:
         logger.warning(
             "%s v%s registered as challenger: no serving endpoint to deploy to", night.track, version
         )
-        return {"deployed": False, "version": version, "reason": "no serving endpoint"}
+        return Deployed(deployed=False, version=version, reason="no serving endpoint")
     adapter = registry.fetch(night.track, version)
     swap = night.services.deploy(adapter)
     registry.promote(night.track, version)
-    return {"deployed": True, "version": version, "swap": swap}
+    return Deployed(deployed=True, version=version, swap=swap)
 
 
-def commit(night: Night) -> dict[str, Any]:
-    snapshot = night.details["harvest"]
-    state = (
-        harvest_stage.commit(night.engine, snapshot["snapshot_id"]) if snapshot.get("snapshot_id") else None
-    )
+@dataclass(frozen=True)
+class NightOutcome:
+    """Every stage's result of a night that ran to its end: what commit and the summary read."""
+
+    harvested: Harvested
+    judged: Judged
+    selected: Selected
+    trained: Trained
+    decision: GateDecision
+    registered: Registered
+    deployed: Deployed
+
+
+def commit(
+    night: Night,
+    harvested: Harvested,
+    judged: Judged,
+    selected: Selected,
+    trained: Trained,
+    decision: GateDecision,
+    registered: Registered,
+    deployed: Deployed,
+) -> Committed:
+    outcome = NightOutcome(harvested, judged, selected, trained, decision, registered, deployed)
+    state = harvest_stage.commit(night.engine, harvested.snapshot_id) if harvested.snapshot_id else None
     gate_config = night.config.gate_for(night.track)
-    judged = night.details.get("judge", {}).get("path")
     memory = (
-        gating.update_memory_suite(
+        update_memory_suite(
             night.config.home,
             night.track,
-            _memory_rows(judged),
+            _memory_rows(judged.path),
             cap=gate_config.memory_cap,
             min_reward=gate_config.memory_min_reward,
         )
-        if judged
+        if judged.path
         else None
     )
-    status = night_status(night.details)
-    summary = summarize(night, status)
-    run = night.mlflow()
-    run.set_tags({"status": status})
-    run.finish()
-    ledger.finish_run(night.engine, night.run_id, status, summary)
-    return {
-        "status": status,
-        "watermark": getattr(state, "last_id", None),
-        "memory_suite": {"cases": len(memory.cases), "version": memory.version} if memory else None,
-    }
+    status = night_status(outcome)
+    ledger.finish_run(night.engine, night.run_id, status, summarize(night, outcome))
+    night.release()
+    return Committed(
+        status=status,
+        watermark=getattr(state, "last_id", None),
+        memory_cases=len(memory.cases) if memory else None,
+        memory_version=memory.version if memory else None,
+    )
 
 
-def night_status(details: dict[str, dict[str, Any]]) -> str:
-    if not details.get("harvest", {}).get("rows"):
+def night_status(outcome: NightOutcome) -> str:
+    if not outcome.harvested.rows or outcome.trained.adapter_dir is None:
         return "skipped"
-    if not details.get("train", {}).get("adapter_dir"):
-        return "skipped"
-    if not details.get("gate", {}).get("passed"):
+    if not outcome.decision.passed:
         return "rejected"
-    return "promoted" if details.get("deploy", {}).get("deployed") else "registered"
+    return "promoted" if outcome.deployed.deployed else "registered"
 
 
-def summarize(night: Night, status: str) -> dict[str, Any]:
+def summarize(night: Night, outcome: NightOutcome) -> dict[str, Any]:
     """The night's entry of the `overnight run` JSON."""
-    details = night.details
-    trained = details.get("train", {})
-    decided = details.get("gate", {})
+    trained, decision = outcome.trained, outcome.decision
     return {
         "track": night.track,
         "night": night.night,
-        "status": status,
-        "version": details.get("register", {}).get("version"),
-        "gate": {key: decided.get(key) for key in ("passed", "gates", "backend")} if decided else None,
-        "train": {
-            "steps": trained.get("steps"),
-            "stop_reason": trained.get("stop_reason"),
-            "kl": trained.get("kl"),
-        },
-        "deployed": bool(details.get("deploy", {}).get("deployed")),
-        "rows": details.get("harvest", {}).get("rows"),
-        "mean_reward": details.get("judge", {}).get("mean_reward"),
+        "status": night_status(outcome),
+        "version": outcome.registered.version,
+        "gate": None if decision.skipped else decision.summary(),
+        "train": {"steps": trained.steps, "stop_reason": trained.stop_reason, "kl": trained.kl},
+        "deployed": outcome.deployed.deployed,
+        "rows": outcome.harvested.rows,
+        "mean_reward": outcome.judged.mean_reward,
     }
 
 
@@ -427,27 +472,21 @@ def summarize(night: Night, status: str) -> dict[str, Any]:
 
 
 def champion_adapter(night: Night) -> AdapterVersion | None:
+    """The track's champion adapter (verified, cached), None before its first promotion."""
     registry = night.services.registry
     if registry.version_for(night.track, "champion") is None:
         return None
     return registry.fetch(night.track, "champion")
 
 
-def _prompt_json(prompt: TrainPrompt) -> dict[str, Any]:
-    return {"messages": prompt.messages, "reference": prompt.reference, "metadata": prompt.metadata}
+def read_prompts(path: Path) -> list[TrainPrompt]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [TrainPrompt.from_json(json.loads(line)) for line in lines]
 
 
-def _read_prompts(path: str) -> list[TrainPrompt]:
-    prompts = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        data = json.loads(line)
-        prompts.append(TrainPrompt(data["messages"], data.get("reference"), data.get("metadata") or {}))
-    return prompts
-
-
-def _memory_rows(judged_path: str) -> list[dict[str, Any]]:
+def _memory_rows(judged_path: Path) -> list[dict[str, Any]]:
     rows = []
-    for record in read_judged(judged_path):
+    for record in judge_stage.read_judged(judged_path):
         interaction_id = record.get("interaction_id")
         if isinstance(interaction_id, int):
             rows.append(

@@ -170,6 +170,9 @@ class NightlyRun(Base):
     candidate_version: Mapped[str | None] = mapped_column(String(50))
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     summary: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+    runner: Mapped[str | None] = mapped_column(String(200))  # host:pid of the process holding the lease
+    runner_since: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime())  # renewed while the runner lives
 
 
 class RunStage(Base):

@@ -4,14 +4,22 @@ A night can die anywhere (process killed, machine restarted). The stages record 
 the orchestrator's own database, when they start and finish and what they produced, so a re-run of
 the same night resumes after the last finished stage instead of repeating its side effects (a second
 harvest, a second registered version, a second deployment).
+
+One runner per track-night: a scheduled run and a manual `overnight run` may start the same night at
+once. The runner that opens a night takes its lease (`take_lease`, one conditional UPDATE, so exactly
+one of two racing runners gets it) and renews it while it works; the other is told who holds it and
+since when. A runner killed mid-night stops renewing, its lease runs out after `ttl`, and the next
+runner resumes the night after its last finished stage.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from storage.models import NightlyRun, RunStage, utc_now
@@ -23,15 +31,26 @@ __all__ = [
     "finished_stage",
     "last_runs",
     "open_run",
+    "release_lease",
+    "renew_lease",
     "set_run_fields",
     "stage_rows",
     "start_stage",
+    "take_lease",
 ]
 
 FINAL_STATUSES = ("promoted", "rejected", "skipped")  # a night in one of these is done; failed is retried
 
 
 def open_run(engine: Engine, track: str, night: str, *, force: bool = False) -> tuple[int, NightlyRun | None]:
+    """The run to continue for (track, night) (see `_open_run`); a runner racing to create it retries once."""
+    try:
+        return _open_run(engine, track, night, force=force)
+    except IntegrityError:  # another runner created the same attempt first: continue that one
+        return _open_run(engine, track, night, force=False)
+
+
+def _open_run(engine: Engine, track: str, night: str, *, force: bool) -> tuple[int, NightlyRun | None]:
     """The run to continue for (track, night), or a new attempt; also the finished run when there is one.
 
     Returns `(run_id, finished)`: `finished` is the latest attempt when it already ended in a final
@@ -127,3 +146,53 @@ def last_runs(engine: Engine) -> dict[str, NightlyRun]:
         latest = select(func.max(NightlyRun.id)).group_by(NightlyRun.track)
         runs = session.scalars(select(NightlyRun).where(NightlyRun.id.in_(latest))).all()
         return {run.track: run for run in runs}
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who holds a run: `held` is True for the caller; otherwise `runner` and `since` say who and when."""
+
+    held: bool
+    runner: str | None
+    since: datetime | None
+    until: datetime | None
+
+
+def take_lease(engine: Engine, run_id: int, runner: str, ttl: timedelta) -> Lease:
+    """Take the run's lease for `runner` unless another runner holds an unexpired one.
+
+    One conditional UPDATE: free, expired or already ours. On success the run is marked `running`.
+    """
+    now = utc_now()
+    with engine.begin() as connection:
+        taken = connection.execute(
+            update(NightlyRun)
+            .where(
+                NightlyRun.id == run_id,
+                or_(NightlyRun.runner.is_(None), NightlyRun.lease_until < now, NightlyRun.runner == runner),
+            )
+            .values(runner=runner, runner_since=now, lease_until=now + ttl, status="running")
+        ).rowcount
+    run = get_run(engine, run_id)
+    return Lease(held=taken == 1, runner=run.runner, since=run.runner_since, until=run.lease_until)
+
+
+def renew_lease(engine: Engine, run_id: int, runner: str, ttl: timedelta) -> bool:
+    """Extend `runner`'s lease; False when it no longer holds it (it expired and was taken)."""
+    with engine.begin() as connection:
+        renewed = connection.execute(
+            update(NightlyRun)
+            .where(NightlyRun.id == run_id, NightlyRun.runner == runner)
+            .values(lease_until=utc_now() + ttl)
+        ).rowcount
+    return renewed == 1
+
+
+def release_lease(engine: Engine, run_id: int, runner: str) -> None:
+    """Give the lease up (the runner is done with the night, or stopped)."""
+    with engine.begin() as connection:
+        connection.execute(
+            update(NightlyRun)
+            .where(NightlyRun.id == run_id, NightlyRun.runner == runner)
+            .values(runner=None, runner_since=None, lease_until=None)
+        )

@@ -13,6 +13,10 @@ a benchmark can be rerun. Records carry ground truth in `metadata` that real tra
 (`answer` and `expression` for math; `topic`, `quality` and `pii` for support). Graders, tests and
 benchmarks may read it; the pipeline itself must not depend on it.
 
+Fake card numbers and IBANs get their check digits from python-stdnum (`luhn.calc_check_digit`,
+`iban.calc_check_digits`), so they pass the checks redaction applies; only the random digits, issuer
+prefixes and layouts are chosen here.
+
 The only I/O is `write_jsonl`.
 """
 
@@ -29,6 +33,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from stdnum import iban, luhn
 
 # Tracks this generator can produce.
 TRACKS: tuple[str, ...] = ("support", "math")
@@ -417,15 +423,6 @@ _WORD_PROBLEM_NAMES = ("Maya", "José", "Zoë", "Liam", "Aiko", "Omar")
 # ---------------------------------------------------------------- personal data
 
 
-def _luhn_check_digit(payload: str) -> str:
-    """The digit that makes `payload + digit` pass the Luhn check."""
-    total = 0
-    for position, char in enumerate(reversed(payload)):
-        digit = int(char) * (2 if position % 2 == 0 else 1)
-        total += digit - 9 if digit > 9 else digit
-    return str((10 - total % 10) % 10)
-
-
 def _group(text: str, size: int, sep: str) -> str:
     return sep.join(text[i : i + size] for i in range(0, len(text), size))
 
@@ -455,14 +452,8 @@ def _fake_card(rng: random.Random) -> str:
     else:
         payload = rng.choice(("4", "51", "52", "55"))
         payload += _digits(rng, 15 - len(payload))
-        number = payload + _luhn_check_digit(payload)
+        number = payload + luhn.calc_check_digit(payload)
     return _group(number, 4, rng.choice((" ", "-", "")))
-
-
-def _iban_check_digits(country: str, bban: str) -> str:
-    rearranged = bban + country + "00"
-    numeric = "".join(str(int(char, 36)) for char in rearranged)
-    return f"{98 - int(numeric) % 97:02d}"
 
 
 def _fake_iban(rng: random.Random) -> str:
@@ -471,8 +462,8 @@ def _fake_iban(rng: random.Random) -> str:
         country, bban = "GB", rng.choice(("WEST", "NWBK", "BARC")) + _digits(rng, 14)
     else:
         country, bban = "DE", _digits(rng, 18)
-    iban = country + _iban_check_digits(country, bban) + bban
-    return _group(iban, 4, " ") if rng.random() < 0.7 else iban
+    number = country + iban.calc_check_digits(f"{country}00{bban}") + bban
+    return iban.format(number) if rng.random() < 0.7 else number
 
 
 def _fake_ipv4(rng: random.Random) -> str:

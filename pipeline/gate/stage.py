@@ -5,52 +5,41 @@
 (the shipped or file suites it names plus its memory suite, the judge and graders of its reward,
 the vLLM server when one answers, the thresholds and decoding of its `gate` section) and writes the
 report where the night and `overnight gate` keep it: `gate.json`, `gate.md` and `gate_deltas.png`.
+The memory suite (tonight's well-judged interactions, guarding the nights after) is in
+`pipeline.gate.memory`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from evals.gate import GateThresholds, plot_deltas, report_markdown
 from evals.graders import Sample, combine_scores, weighted_grader
-from evals.suites import Suite, build_memory_suite, load_suite, write_suite
 from pipeline.config import GateConfig, OvernightConfig, RewardConfig, TrainConfig
 from pipeline.deploy.vllm_client import VllmClient
-from pipeline.gate.evaluation import (
-    Chat,
-    Decoding,
-    Evaluation,
-    InProcessGenerator,
-    ReplyGenerator,
-    Scorer,
-    ServerGenerator,
-    evaluate_candidate,
-)
+from pipeline.gate.evaluation import Evaluation, Scorer, evaluate_candidate
+from pipeline.gate.generation import Chat, Decoding, InProcessGenerator, ReplyGenerator, ServerGenerator
+from pipeline.gate.memory import track_suites
 from pipeline.judge.client import Judge, run_sync
 from pipeline.judge.rubrics import Rubric, load_rubric
 from pipeline.judge.stage import read_judged
-from pipeline.results import TrainPrompt
+from pipeline.results import GateDecision, TrainPrompt
 from pipeline.select import select as select_prompts
 from storage.models import Snapshot
 
 __all__ = [
-    "GateOutcome",
     "decoding_from",
-    "gate_candidate",
+    "gate_track",
     "latest_heldout",
-    "memory_suite_path",
     "reward_scorer",
+    "server_generator",
     "thresholds_from",
-    "track_suites",
-    "update_memory_suite",
     "write_report",
 ]
 
@@ -136,39 +125,6 @@ def _judge_scores(
     return scores
 
 
-def memory_suite_path(home: str | Path, track: str) -> Path:
-    return Path(home) / "suites" / f"memory-{track}.jsonl"
-
-
-def track_suites(config: OvernightConfig, track: str) -> list[Suite]:
-    """The suites a track names (shipped names or JSONL paths), then its memory suite when it has one."""
-    suites = [load_suite(name) for name in config.track(track).suites]
-    memory = memory_suite_path(config.home, track)
-    if memory.exists():
-        suites.append(load_suite(memory))
-    return suites
-
-
-def update_memory_suite(
-    home: str | Path, track: str, judged: Iterable[Mapping[str, Any]], *, cap: int, min_reward: float
-) -> Suite | None:
-    """Fold tonight's well-judged interactions into the track's memory suite (capped, versioned by sha256).
-
-    `judged` rows need `messages`, `response`, `reward` and `interaction_id`. Called once the
-    night's candidate has been decided, so tonight's memory guards the nights after, not itself.
-    """
-    if cap == 0:
-        return None
-    path = memory_suite_path(home, track)
-    previous = load_suite(path) if path.exists() else None
-    suite = build_memory_suite(judged, previous=previous, cap=cap, min_reward=min_reward, track=track)
-    if not suite.cases:
-        return previous
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_suite(suite, path)
-    return suite
-
-
 def server_generator(
     endpoint: str, base_name: str, api_key: str | None, timeout: float
 ) -> ServerGenerator | None:
@@ -181,46 +137,42 @@ def server_generator(
     return None
 
 
-@dataclass(frozen=True)
-class GateOutcome:
-    evaluation: Evaluation
-    report_dir: Path
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            **self.evaluation.report.as_json(),
-            "backend": self.evaluation.backend,
-            "generated": self.evaluation.generated,
-            "report_dir": str(self.report_dir),
-        }
-
-
-def gate_candidate(
+def gate_track(
+    config: OvernightConfig,
+    track: str,
     *,
-    base_model: str,
     candidate: Path,
     champion: Path | None,
-    suites: Sequence[Suite],
-    gate: GateConfig,
-    scorer: Scorer | None,
     heldout: Sequence[TrainPrompt],
+    judge: Judge | None,
     generator: ReplyGenerator | None,
     report_dir: Path,
-) -> GateOutcome:
-    """Evaluate and decide, then write the report files; the decision is in `outcome.evaluation.report`."""
+) -> GateDecision:
+    """The gate stage for one track: evaluate `candidate` against `champion` (None: the base) on the
+    track's suites and `heldout` prompts, decide, and write the report. The night and `overnight
+    gate` both call this; `judge` may be None when the track's reward gives it no weight."""
+    spec = config.track(track)
+    base_model = config.base_model_for(track)
+    gate = config.gate_for(track)
     evaluation = evaluate_candidate(
         base_model,
         candidate,
         champion,
-        suites,
+        track_suites(config, track),
         thresholds=thresholds_from(gate),
         generator=generator or InProcessGenerator(base_model),
-        scorer=scorer,
+        scorer=reward_scorer(spec.reward, judge, load_rubric(spec.rubric)),
         heldout=heldout,
         decoding=decoding_from(gate),
     )
     write_report(evaluation, report_dir)
-    return GateOutcome(evaluation, report_dir)
+    return GateDecision.of(
+        evaluation.report,
+        backend=evaluation.backend,
+        generated=evaluation.generated,
+        report_dir=report_dir,
+        kl_to_base=evaluation.kl_to_base,
+    )
 
 
 def write_report(evaluation: Evaluation, report_dir: Path) -> None:

@@ -18,6 +18,14 @@ prefix is redacted and the scan goes on right after it. A run that an alternativ
 bound is tried from its start only and number shapes have bounded repetitions, so the scan stays
 linear on long hostile input.
 
+The checksums come from python-stdnum: `stdnum.luhn` for cards, `stdnum.iso7064.mod_97_10` for
+IBANs. Not `stdnum.iban.is_valid`: it also requires a country in SWIFT's registry with that
+country's exact length and layout, and by default a bank code in its bundled lists, so real IBANs it
+does not know (Iran, Senegal, Côte d'Ivoire and Algeria use them outside the registry; a Belgian bank
+missing from its list) would leak. The candidate shapes, the IBAN rearrangement and 15-34 length,
+the card length (13-19 digits) and the prefix search stay here: they decide what counts as a match
+in prose.
+
 Chosen limits, precision first so that prose, maths, dates, times, versions and code survive:
 phones need a ``+``, a ``(area)``/3-3-4 layout or a leading trunk ``0`` plus separators, and 9-15
 digits (bare digit runs such as timestamps or order ids are left alone; a short number right after a
@@ -35,6 +43,9 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
+
+from stdnum import luhn
+from stdnum.iso7064 import mod_97_10
 
 __all__ = ["PII_TYPES", "redact", "redact_record_texts"]
 
@@ -104,27 +115,14 @@ _PII_RE = re.compile(
 _IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z_.-]*")
 
 
-def _luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
 def _card_ok(candidate: str) -> bool:
     digits = candidate.replace(" ", "").replace("-", "")
-    return 13 <= len(digits) <= 19 and _luhn_ok(digits)
+    return 13 <= len(digits) <= 19 and luhn.is_valid(digits)
 
 
 def _iban_ok(candidate: str) -> bool:
     compact = candidate.replace(" ", "")
-    if not 15 <= len(compact) <= 34:
-        return False
-    rearranged = compact[4:] + compact[:4]
-    return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
+    return 15 <= len(compact) <= 34 and mod_97_10.is_valid(compact[4:] + compact[:4])  # ISO 13616
 
 
 def _valid_prefix(candidate: str, is_valid: Callable[[str], bool], cuts: str) -> str | None:

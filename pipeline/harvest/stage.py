@@ -32,7 +32,9 @@ from sqlalchemy import Engine
 
 from pipeline.config import HarvestConfig, TrackFilter
 from pipeline.harvest.hash_set import CompactHashSet
+from pipeline.harvest.pseudonyms import pseudonym
 from pipeline.harvest.redaction import redact
+from pipeline.results import Harvested
 from storage import reads
 from storage.errors import InvalidRecord, UserError
 from storage.records import InteractionRecord, parse_record
@@ -88,6 +90,10 @@ class HarvestResult:
             "path": str(self.path) if self.path else None,
         }
 
+    def result(self) -> Harvested:
+        """The stage result a night hands on."""
+        return Harvested.model_validate(self.as_json())
+
 
 @dataclass
 class _Candidate:
@@ -110,8 +116,9 @@ def harvest(
     snapshot_dir: Path | None = None,
     until: datetime | None = None,
     progress: Progress | None = None,
+    pseudonym_key: bytes,
 ) -> HarvestResult:
-    """Harvest tonight's window for `track`.
+    """Harvest tonight's window for `track`; user ids become pseudonyms keyed by `pseudonym_key`.
 
     `snapshot_dir` given: the snapshot is stored (JSONL under it, manifest in SQL, malformed rows
     quarantined) ready for `commit`. Otherwise this is a preview that stores nothing; `out` writes
@@ -133,7 +140,7 @@ def harvest(
     target = _SnapshotTarget(snapshot_dir / track if persist else (out.parent if out else None))
     try:
         with _few_gc_pauses():
-            bad = _run(rows, result, settings, track_filter, target, progress)
+            bad = _run(rows, result, settings, track_filter, target, progress, pseudonym_key)
     except BaseException:
         target.discard()
         raise
@@ -275,6 +282,7 @@ def _run(
     track_filter: TrackFilter,
     target: _SnapshotTarget,
     progress: Progress | None,
+    pseudonym_key: bytes,
 ) -> list[BadRow]:
     seen = CompactHashSet()
     per_user: Counter[str] = Counter()
@@ -284,7 +292,8 @@ def _run(
         candidates = [
             candidate
             for fields, error in batch
-            if (candidate := _admit(fields, error, result, settings, track_filter, bad)) is not None
+            if (candidate := _admit(fields, error, result, settings, track_filter, bad, pseudonym_key))
+            is not None
         ]
         for candidate in _unique_prompts(candidates, seen, settings, result):
             if per_user[candidate.user_id] >= settings.max_rows_per_user:
@@ -308,6 +317,7 @@ def _admit(
     settings: HarvestConfig,
     track_filter: TrackFilter,
     bad: list[BadRow],
+    pseudonym_key: bytes,
 ) -> _Candidate | None:
     """Consent, validation, filter and redaction of one row; None when it is dropped."""
     if fields is None or error is not None:
@@ -327,7 +337,7 @@ def _admit(
     if not _matches(fields, track_filter):
         result.dropped["filtered"] += 1
         return None
-    record = _snapshot_record(fields, settings.redact_pii, result.redactions)
+    record = _snapshot_record(fields, settings.redact_pii, result.redactions, pseudonym_key)
     chars = sum(len(m["content"]) for m in record["messages"]) + len(record["response"])
     return _Candidate(record, str(fields["user_id"]), prompt_hash(record["messages"]), chars)
 
@@ -360,7 +370,9 @@ def _matches(fields: Mapping[str, Any], track_filter: TrackFilter) -> bool:
     return all(metadata.get(key) == value for key, value in track_filter.metadata.items())
 
 
-def _snapshot_record(fields: Mapping[str, Any], redact_pii: bool, counts: Counter[str]) -> dict[str, Any]:
+def _snapshot_record(
+    fields: Mapping[str, Any], redact_pii: bool, counts: Counter[str], key: bytes
+) -> dict[str, Any]:
     """The record as it enters the snapshot: redacted, the user pseudonymised, times in ISO-8601."""
     ts = fields["ts"]
     feedback = fields.get("feedback")
@@ -369,7 +381,7 @@ def _snapshot_record(fields: Mapping[str, Any], redact_pii: bool, counts: Counte
         "id": fields.get("id"),
         "ts": ts.isoformat() if isinstance(ts, datetime) else ts,
         "track": fields["track"],
-        "user": pseudonym(str(fields["user_id"])),
+        "user": pseudonym(str(fields["user_id"]), key),
         "session_id": fields.get("session_id"),
         "messages": fields["messages"],  # fresh objects from the driver: redacted in place, not copied
         "response": fields["response"],
@@ -406,12 +418,6 @@ def _redact_values(value: Any, counts: Counter[str]) -> Any:
     if isinstance(value, list):
         return [_redact_values(item, counts) for item in value]
     return value
-
-
-@functools.lru_cache(maxsize=65536)
-def pseudonym(user_id: str) -> str:
-    """A stable stand-in for a user id (which may itself be an email) in training data."""
-    return "u_" + hashlib.blake2b(user_id.encode(), digest_size=8, person=b"overnight-user").hexdigest()
 
 
 def normalize_prompt(messages: Iterable[Mapping[str, str]]) -> bytes:

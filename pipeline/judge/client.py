@@ -1,29 +1,57 @@
 """The LLM judge (RLAIF): scores responses on a rubric through any OpenAI-compatible endpoint.
 
 The judge is the reward of the RL stage and a metric of the gate, so it must be trustworthy, fast
-and hard to game. The pure half (prompts, fencing, schemas, parsing) lives in `judge_prompt`; this
-module is the I/O half: concurrent HTTP with timeouts, retries with exponential backoff and jitter,
-a circuit breaker, structured output with a fallback for servers without it, a SQL cache keyed by
-(judge model, rubric, prompt, response), a per-night budget and token accounting.
+and hard to game. The pure half (prompts, fencing, schemas, parsing) lives in `judge.prompt`; this
+module is the I/O half.
 
-Failure policy: an unreachable judge raises `JudgeUnavailable` (the stage fails with one line); it
-never turns into zero scores. An answer that cannot be parsed is asked again, then recorded as a
-failed judgment with `score=None`; nothing downstream ever sees a made-up score.
+What comes from the `openai` SDK (`AsyncOpenAI`): the HTTP calls, timeouts, retries with exponential
+backoff and jitter on transport errors, timeouts, 408/409/429 and 5xx, honouring `Retry-After`, and
+typed errors (`APIStatusError`, `APIConnectionError`, `APITimeoutError`, ...). None of that is written
+here, so `JudgeSettings.backoff_*` are no longer read (the SDK backs off from 0.5 s up to 8 s).
+
+What is kept by hand, because the SDK does not do it:
+  - a circuit breaker: after `breaker_threshold` consecutive failed attempts the endpoint is not
+    called again by this instance (this night). It sits in the SDK's HTTP client (`_GuardedClient`)
+    so that it sees every attempt, retries included, and raises an `OpenAIError` there, which the SDK
+    re-raises without retrying: a dead endpoint stops the retry loop instead of being slept through;
+    the same place counts calls and retries (the SDK numbers its attempts in a request header);
+  - structured output with a fallback: a JSON-schema `response_format` first, the tolerant parser
+    when the server rejects it (a 400 that names `response_format`);
+  - the per-item failure policy: a request the server refuses (400/413/422, e.g. a prompt longer
+    than the context) fails that item alone; an answer that cannot be parsed is asked again, then
+    recorded as failed with `score=None`; nothing downstream ever sees a made-up score;
+  - the SQL cache keyed by (judge model, rubric, prompt, response), the budget (`budget_items`),
+    token accounting in `JudgeStats` and the concurrency limit.
+
+One `LlmJudge` serves a whole night, several stages each calling `run_sync(judge.score(...))`, i.e.
+a new event loop per call. An SDK client (and its connection pool) is bound to the loop it first ran
+on, so one is built at the start of each top-level call on the running loop and closed at its end;
+the budget, the stats, the breaker and the structured-output switch live on the instance and carry
+over from call to call.
+
+Without `api_key` no Authorization header is sent (the SDK would otherwise read OPENAI_API_KEY and
+send it to whatever endpoint the judge points at).
+
+Failure policy: an endpoint that cannot be reached, refuses the key, or keeps failing raises
+`JudgeUnavailable` (the stage fails with one line); it never turns into zero scores.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
-import httpx
+import httpx2
+import openai
 import orjson
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
+from openai.types.shared_params import ResponseFormatJSONSchema
 from sqlalchemy import Engine
 
 from pipeline.judge.prompt import (
@@ -47,7 +75,9 @@ from storage.judgments import StoredJudgment, cached_judgments, store_judgments
 logger = logging.getLogger(__name__)
 Conversation = list[dict[str, str]]
 T = TypeVar("T")
-RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+ITEM_STATUS = frozenset({400, 413, 422})  # the request itself is the problem: fail the item, not the stage
+RETRY_COUNT_HEADER = "x-stainless-retry-count"  # the SDK numbers its attempts of one call: 0, 1, 2, ...
+NO_KEY = "none"  # the SDK insists on a key; without one the Authorization header is left out instead
 
 
 class JudgeUnavailable(UserError):
@@ -58,7 +88,8 @@ class ItemRejected(Exception):
     """The endpoint refused this one request (e.g. the prompt is longer than the judge's context)."""
 
 
-ITEM_STATUS = frozenset({400, 413, 422})  # the request itself is the problem: fail the item, not the stage
+class CircuitOpen(openai.OpenAIError):
+    """Raised under the SDK, which re-raises an `OpenAIError` as it is instead of retrying."""
 
 
 @dataclass(frozen=True)
@@ -68,15 +99,15 @@ class JudgeSettings:
     api_key: str | None = None
     concurrency: int = 8  # requests in flight at once
     timeout_seconds: float = 60.0
-    max_retries: int = 4  # per request, on transport errors, 429 and 5xx
+    max_retries: int = 4  # per request, by the SDK: transport errors, timeouts, 408/409/429, 5xx
     parse_retries: int = 1  # asks again when an answer cannot be parsed
     budget_items: int = 5000  # items judged (not cache hits) per judge instance, i.e. per night
     temperature: float = 0.0
     max_tokens: int = 512
     swap_orders: bool = False  # group mode: also score the reversed order and average
     breaker_threshold: int = 5  # consecutive failed requests that open the circuit
-    backoff_base_seconds: float = 0.5
-    backoff_max_seconds: float = 20.0
+    backoff_base_seconds: float = 0.5  # not read: the SDK's backoff applies (kept so callers still work)
+    backoff_max_seconds: float = 20.0  # not read, as above
     seed: int = 0  # shuffles candidate order in group mode
 
 
@@ -131,127 +162,198 @@ class Judge(Protocol):
     ) -> list[list[JudgeResult]]: ...  # fmt: skip
 
 
-# -- HTTP --------------------------------------------------------------------------------------------
+# -- HTTP: the SDK, plus a breaker under it ----------------------------------------------------------
 
 
-class ChatClient:
-    """Chat completions with retries, backoff with jitter and a circuit breaker."""
+@dataclass
+class _Breaker:
+    """Counts consecutive failed attempts; once `threshold` is reached the endpoint is not called again."""
 
-    def __init__(self, settings: JudgeSettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    threshold: int
+    failures: int = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self.failures >= self.threshold
+
+    def check(self) -> None:
+        if self.is_open:
+            raise CircuitOpen(f"{self.failures} consecutive requests failed (circuit open)")
+
+    def record(self, failed: bool) -> None:
+        self.failures = self.failures + 1 if failed else 0
+
+
+def _endpoint_failed(status: int) -> bool:
+    """The statuses the SDK retries: the endpoint, not the request, is the problem."""
+    return status in (408, 409, 429) or status >= 500
+
+
+class _GuardedClient(httpx2.AsyncClient):
+    """The SDK's HTTP client, with a count and a breaker check on every attempt the SDK sends.
+
+    At `send`, not in a transport, so that proxies from the environment and body read timeouts are
+    covered too. `CircuitOpen` is an `OpenAIError`: the SDK lets it through instead of retrying.
+    """
+
+    def __init__(self, breaker: _Breaker, stats: JudgeStats, timeout: float) -> None:
+        super().__init__(timeout=timeout, limits=openai.DEFAULT_CONNECTION_LIMITS, follow_redirects=True)
+        self._breaker = breaker
+        self._stats = stats
+
+    async def send(self, request: httpx2.Request, **kwargs: Any) -> httpx2.Response:
+        self._breaker.check()
+        self._stats.calls += 1
+        if _attempts(request) > 1:
+            self._stats.retries += 1
+        try:
+            response = await super().send(request, **kwargs)
+        except httpx2.TransportError:
+            self._breaker.record(failed=True)
+            self._breaker.check()
+            raise
+        self._breaker.record(failed=_endpoint_failed(response.status_code))
+        if self._breaker.is_open:
+            await response.aclose()
+            self._breaker.check()
+        return response
+
+
+@dataclass
+class _Connection:
+    loop: asyncio.AbstractEventLoop
+    client: openai.AsyncOpenAI
+    users: int = 0
+
+
+class ChatEndpoint:
+    """Chat completions through the SDK, one SDK client per event loop; state that outlives loops."""
+
+    def __init__(self, settings: JudgeSettings, stats: JudgeStats) -> None:
         self.settings = settings
-        root = settings.base_url.rstrip("/")
-        self.url = f"{root}/chat/completions" if root.endswith("/v1") else f"{root}/v1/chat/completions"
-        self._headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
-        self._transport = transport
-        self._http: httpx.AsyncClient | None = None
-        self._sessions = 0
-        self._consecutive_failures = 0
+        self.stats = stats
+        self.base_url = _api_root(settings.base_url)
+        self.url = f"{self.base_url}/chat/completions"
         self.structured_output = True  # switched off once when the server refuses response_format
-        self.stats = JudgeStats()
+        self._breaker = _Breaker(settings.breaker_threshold)
+        self._headers = {} if settings.api_key else {"Authorization": openai.omit}
+        self._connection: _Connection | None = None
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[None]:
-        """One HTTP connection pool per top-level call: a pool must not outlive its event loop."""
-        if self._sessions == 0:
-            self._http = httpx.AsyncClient(
-                timeout=self.settings.timeout_seconds, headers=self._headers, transport=self._transport
-            )
-        self._sessions += 1
+        """An SDK client for the running loop, opened by the outermost call and closed when it ends."""
+        loop = asyncio.get_running_loop()
+        if self._connection is None or self._connection.loop is not loop:
+            self._connection = _Connection(loop, self._new_client())
+        connection = self._connection
+        connection.users += 1
         try:
             yield
         finally:
-            self._sessions -= 1
-            if self._sessions == 0 and self._http is not None:
-                await self._http.aclose()
-                self._http = None
+            connection.users -= 1
+            if connection.users == 0:
+                if self._connection is connection:
+                    self._connection = None
+                await connection.client.close()
+
+    def _new_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=self.base_url,
+            api_key=self.settings.api_key or NO_KEY,
+            max_retries=self.settings.max_retries,
+            timeout=self.settings.timeout_seconds,
+            http_client=_GuardedClient(self._breaker, self.stats, self.settings.timeout_seconds),
+        )
 
     async def complete(self, messages: Conversation, schema: dict[str, Any], temperature: float) -> ChatReply:
-        body: dict[str, Any] = {
-            "model": self.settings.model,
-            "messages": messages,
-            "temperature": temperature,
-            "max_tokens": self.settings.max_tokens,
-        }
-        if self.structured_output:
-            body["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": "verdict", "schema": schema, "strict": True},
-            }
-        response = await self._post_with_retries(body)
-        if response.status_code == 400 and "response_format" in body and "response_format" in response.text:
+        structured = self.structured_output
+        try:
+            completion = await self._create(messages, schema if structured else None, temperature)
+        except openai.BadRequestError as error:
+            if not (structured and "response_format" in error.response.text):
+                raise self._failure(error) from None
             if self.structured_output:
                 logger.warning("judge endpoint refuses response_format; using the tolerant parser instead")
             self.structured_output = False
             return await self.complete(messages, schema, temperature)
-        if response.status_code in ITEM_STATUS:
-            raise ItemRejected(
-                f"judge refused the item (HTTP {response.status_code}): {_brief(_error_message(response))}"
-            )
-        if response.status_code != 200:
-            raise JudgeUnavailable(
-                f"judge {self.settings.model} at {self.url} answered HTTP {response.status_code}: {_brief(response.text)}"
-            )
-        return _reply(response)
+        except openai.OpenAIError as error:
+            raise self._failure(error) from None
+        except json.JSONDecodeError as error:
+            raise _not_a_completion(error.doc) from None
+        return _reply(completion)
 
-    async def _post_with_retries(self, body: dict[str, Any]) -> httpx.Response:
-        attempt = 0
-        while True:
-            self._check_breaker()
-            self.stats.calls += 1
-            assert self._http is not None, "complete() outside session()"
-            try:
-                response = await self._http.post(self.url, json=body)
-            except httpx.TransportError as error:
-                problem = f"{type(error).__name__}: {_brief(str(error)) or 'no answer'}"
-            else:
-                if response.status_code not in RETRY_STATUS:
-                    self._consecutive_failures = 0
-                    return response
-                problem = f"HTTP {response.status_code}"
-            self._consecutive_failures += 1
-            if attempt >= self.settings.max_retries:
-                raise JudgeUnavailable(
-                    f"judge {self.settings.model} at {self.url} failed after {attempt + 1} attempts: {problem}"
-                )
-            attempt += 1
-            self.stats.retries += 1
-            await asyncio.sleep(self._backoff(attempt))
-
-    def _backoff(self, attempt: int) -> float:
-        """Exponential backoff with full jitter."""
-        ceiling = min(
-            self.settings.backoff_max_seconds, self.settings.backoff_base_seconds * 2 ** (attempt - 1)
+    async def _create(
+        self, messages: Conversation, schema: dict[str, Any] | None, temperature: float
+    ) -> ChatCompletion:
+        assert self._connection is not None, "complete() outside session()"
+        return await self._connection.client.chat.completions.create(
+            model=self.settings.model,
+            messages=cast(list[ChatCompletionMessageParam], messages),
+            temperature=temperature,
+            max_tokens=self.settings.max_tokens,
+            response_format=openai.omit if schema is None else _json_schema_format(schema),
+            extra_headers=self._headers,
         )
-        return random.uniform(0, ceiling)
 
-    def _check_breaker(self) -> None:
-        if self._consecutive_failures >= self.settings.breaker_threshold:
-            raise JudgeUnavailable(
-                f"judge {self.settings.model} at {self.url} is unavailable: "
-                f"{self._consecutive_failures} consecutive requests failed (circuit open)"
+    def _failure(self, error: openai.OpenAIError) -> Exception:
+        """The SDK's error as one line: `ItemRejected` for this item alone, else `JudgeUnavailable`."""
+        where = f"judge {self.settings.model} at {self.url}"
+        if isinstance(error, CircuitOpen):
+            return JudgeUnavailable(f"{where} is unavailable: {error}")
+        if isinstance(error, openai.APIStatusError):
+            return _status_failure(where, error)
+        if isinstance(error, openai.APIConnectionError):
+            cause = error.__cause__
+            problem = (
+                f"{type(cause).__name__}: {_brief(str(cause)) or 'no answer'}" if cause else error.message
             )
+            return JudgeUnavailable(f"{where} failed after {_attempts(error.request)} attempts: {problem}")
+        return JudgeUnavailable(f"{where} failed: {_brief(str(error))}")
 
 
-def _reply(response: httpx.Response) -> ChatReply:
+def _json_schema_format(schema: dict[str, Any]) -> ResponseFormatJSONSchema:
+    return {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}}
+
+
+def _status_failure(where: str, error: openai.APIStatusError) -> Exception:
+    status = error.status_code
+    if status in ITEM_STATUS:
+        return ItemRejected(f"judge refused the item (HTTP {status}): {_brief(_error_message(error))}")
+    said = f"HTTP {status}: {_brief(error.response.text)}"
+    if _attempts(error.request) > 1:
+        return JudgeUnavailable(f"{where} failed after {_attempts(error.request)} attempts: {said}")
+    return JudgeUnavailable(f"{where} answered {said}")
+
+
+def _attempts(request: httpx2.Request) -> int:
+    """How many attempts the SDK made, read from the last one's retry number."""
+    return int(request.headers.get(RETRY_COUNT_HEADER, "0")) + 1
+
+
+def _api_root(base_url: str) -> str:
+    root = base_url.rstrip("/")
+    return root if root.endswith("/v1") else f"{root}/v1"
+
+
+def _reply(completion: ChatCompletion) -> ChatReply:
     try:
-        data = response.json()
-        text = data["choices"][0]["message"]["content"] or ""
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise JudgeUnavailable(
-            f"judge answered something that is not a chat completion: {_brief(response.text)}"
-        ) from None
-    usage = data.get("usage") or {}
-    return ChatReply(text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        text = completion.choices[0].message.content or ""
+    except (AttributeError, IndexError, TypeError):
+        raise _not_a_completion(completion.to_json(indent=None)) from None
+    usage = completion.usage
+    prompt_tokens = getattr(usage, "prompt_tokens", 0) or 0
+    return ChatReply(text, int(prompt_tokens), int(getattr(usage, "completion_tokens", 0) or 0))
 
 
-def _error_message(response: httpx.Response) -> str:
-    try:
-        error = response.json().get("error")
-    except ValueError:
-        return response.text
-    if isinstance(error, dict):
-        return str(error.get("message", error))
-    return str(error or response.text)
+def _not_a_completion(text: str) -> JudgeUnavailable:
+    return JudgeUnavailable(f"judge answered something that is not a chat completion: {_brief(text)}")
+
+
+def _error_message(error: openai.APIStatusError) -> str:
+    body = error.body  # the SDK has already unwrapped {"error": ...}
+    if isinstance(body, dict):
+        return str(cast(dict[str, Any], body).get("message", body))
+    return str(body) if body else error.response.text
 
 
 def _brief(text: str, limit: int = 160) -> str:
@@ -279,13 +381,12 @@ class LlmJudge:
 
     settings: JudgeSettings
     engine: Engine | None = None
-    transport: httpx.AsyncBaseTransport | None = None
     stats: JudgeStats = field(init=False)
 
     def __post_init__(self) -> None:
         self.model = self.settings.model
-        self._client = ChatClient(self.settings, transport=self.transport)
-        self.stats = self._client.stats
+        self.stats = JudgeStats()
+        self._endpoint = ChatEndpoint(self.settings, self.stats)
         self._budget = _Budget(self.settings.budget_items)
 
     async def score(
@@ -308,7 +409,7 @@ class LlmJudge:
             )
             return self._ask(messages, pointwise_schema(rubric), lambda text: [parse_pointwise(text, rubric)])
 
-        async with self._client.session():
+        async with self._endpoint.session():
             verdicts = await self._cached_or_judged(keys, judge_one)
         self._store(rubric, keys, conversations, responses, verdicts)
         return verdicts
@@ -334,7 +435,7 @@ class LlmJudge:
                     rubric, conversations[index], list(candidates[index]), references[index], index
                 )
 
-        async with self._client.session():
+        async with self._endpoint.session():
             return list(await asyncio.gather(*(one(index) for index in range(len(candidates)))))
 
     async def _score_group(
@@ -405,7 +506,7 @@ class LlmJudge:
         for attempt in range(self.settings.parse_retries + 1):
             temperature = self.settings.temperature if attempt == 0 else max(self.settings.temperature, 0.7)
             try:
-                reply = await self._client.complete(messages, schema, temperature)
+                reply = await self._endpoint.complete(messages, schema, temperature)
             except ItemRejected as rejected:
                 error = str(rejected)
                 break

@@ -18,9 +18,10 @@ import orjson
 
 from evals.calibration import CalibrationReport, calibrate
 from evals.graders import Grader, Sample, combine_scores, feedback_score, weighted_grader
-from pipeline.config import JudgeConfig, RewardConfig, ServingConfig
+from pipeline.config import JudgeConfig, RewardConfig, ServingConfig, TrackConfig
 from pipeline.judge.client import Judge, JudgeResult, JudgeSettings, JudgeStats, run_sync
-from pipeline.judge.rubrics import Rubric
+from pipeline.judge.rubrics import Rubric, load_rubric
+from pipeline.results import Judged
 
 Progress = Callable[[int], None]
 
@@ -76,7 +77,7 @@ def judge_records(
     records: Iterable[dict[str, Any]],
     *,
     rubric: Rubric,
-    judge: Judge,
+    judge: Judge | None,
     reward: RewardConfig,
     out: Path,
     batch_size: int = 64,
@@ -85,13 +86,17 @@ def judge_records(
     """Score every record and write `{..record, judge, feedback_score, graders, reward}` lines to `out`."""
     graders = [weighted_grader(spec) for spec in reward.graders]
     weights = {"judge": reward.judge, "feedback": reward.feedback, **{g.name: w for w, g in graders}}
-    result = JudgeStageResult(path=out, stats=judge.stats)
+    result = JudgeStageResult(path=out, stats=judge.stats if judge is not None else JudgeStats())
     pairs: list[tuple[float | None, Any]] = []
     rewards: list[float] = []
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("wb") as handle:
         for batch in _batches(records, batch_size):
-            verdicts = _judge_batch(judge, rubric, batch) if reward.judge > 0 else [None] * len(batch)
+            verdicts = (
+                _judge_batch(judge, rubric, batch)
+                if judge is not None and reward.judge > 0
+                else [None] * len(batch)
+            )
             for record, verdict in zip(batch, verdicts, strict=True):
                 line = _scored_line(record, verdict, graders, weights, result)
                 pairs.append((verdict.score if verdict else None, record.get("feedback")))
@@ -104,6 +109,30 @@ def judge_records(
     result.mean_reward = sum(rewards) / len(rewards) if rewards else None
     result.calibration = calibrate(pairs)
     return result
+
+
+def judge_snapshot(
+    records: Iterable[dict[str, Any]],
+    *,
+    spec: TrackConfig,
+    judge: Judge | None,
+    out: Path,
+    progress: Progress | None = None,
+) -> Judged:
+    """The judge stage for one track: its rubric and reward over `records`, scored lines to `out`.
+
+    `judge` may be None when the track's reward gives the judge no weight (graders and feedback only).
+    The night and `overnight judge` both call this.
+    """
+    rubric = load_rubric(spec.rubric)
+    if spec.reward.judge > 0 and judge is None:
+        raise ValueError(f"track {spec.name!r} weighs the judge but no judge was given")
+    result = judge_records(
+        records, rubric=rubric, judge=judge, reward=spec.reward, out=out, progress=progress
+    )
+    return Judged.model_validate(
+        {"rubric": rubric.key, "judge_model": judge.model if judge else None, **result.as_json()}
+    )
 
 
 def read_judged(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -2,9 +2,18 @@
 
 People review the night in the MLflow UI, not in logs. So every night, promoted or rejected, gets a
 run in the track's experiment holding: the flattened config and data window as params (secrets
-never), the training curves as step metrics, judge statistics and calibration, every gate's
-metric/delta/CI/pass as metrics with the gate table and a delta plot as artifacts, the snapshot
-manifest, the rubric text and the adapter directory.
+never), the training curves as step metrics (the UI charts them per step), judge statistics and
+calibration, every gate's metric/delta/CI/pass as metrics with the gate table and a delta plot as
+artifacts, the snapshot manifest, the rubric text and the adapter directory.
+
+From MLflow: `MlflowClient.log_batch` splits any number of params, tags and metrics into the batches
+its store accepts (100 params or tags, 1000 entities per call in MLflow 3.17), `log_dict` writes the
+JSON artifacts, `log_text` the text ones, `log_artifact(s)` the files already on disk, and the run
+page charts the step metrics (no training plot of our own). By hand, because MLflow does not: the
+flattening of a nested config into dotted params with secrets dropped, the length limits applied
+before logging (so the returned params are what was stored, and a long key is cut, not refused), and
+one-line `TrackingError`s naming the store. The gate's delta plot is drawn by `evals.gate.plot_deltas`,
+which writes a PNG file, so it is logged as a file.
 
 MLflow is reached only through an explicit `MlflowClient` (tracking and registry URIs passed in, no
 global active run, no `mlflow.set_tracking_uri`), so two tracks or two stores never leak into each
@@ -44,7 +53,6 @@ __all__ = [
     "flatten_params",
     "is_secret_key",
     "mlflow_client",
-    "plot_training",
     "read_training_metrics",
     "server_healthy",
 ]
@@ -52,13 +60,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MAX_PARAM_VALUE_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in MLflow 3.17
+MAX_TAG_VALUE_LENGTH = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 MAX_KEY_LENGTH = 250  # mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH
-BATCH_PARAMS = 100  # params per log_batch call (MLflow's limit)
-BATCH_METRICS = 1000  # metrics per log_batch call (MLflow's limit)
 SECRET_SUBSTRINGS = ("api_key", "apikey", "secret", "password", "passwd", "credential", "private_key")
 SECRET_WORDS = frozenset({"token", "auth", "authorization", "bearer"})  # whole words of the last key segment
 TRAINING_PREFIX = "train/"
-TRAINING_PLOT = "plots/training.png"
 GATE_PLOT = "plots/gate_deltas.png"
 ADAPTER_ARTIFACT = "adapter"
 
@@ -199,41 +205,6 @@ def step_figures(row: Mapping[str, Any]) -> dict[str, float]:
     return _finite_numbers(figures, TRAINING_PREFIX)
 
 
-def plot_training(steps: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """A PNG with the reward (mean +- std) and the KL to the reference per step; returns the path."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    def series(key: str) -> tuple[list[int], list[float]]:
-        pairs = [(int(row["step"]), float(row[key])) for row in steps if _is_number(row.get(key))]
-        return [step for step, _ in pairs], [value for _, value in pairs]
-
-    figure = Figure(figsize=(8, 3.2))
-    FigureCanvasAgg(figure)
-    reward_axes, kl_axes = figure.subplots(1, 2)
-    x, reward = series("reward_mean")
-    reward_axes.plot(x, reward, marker="o", color="tab:blue", label="reward mean")
-    std_x, std = series("reward_std")
-    if std_x == x and x:
-        low = [mean - spread for mean, spread in zip(reward, std, strict=True)]
-        high = [mean + spread for mean, spread in zip(reward, std, strict=True)]
-        reward_axes.fill_between(x, low, high, color="tab:blue", alpha=0.2, label="+- std")
-    reward_axes.set_title("reward", fontsize=10)
-    reward_axes.set_xlabel("step")
-    reward_axes.legend(fontsize=8)
-    for key, color in (("kl", "tab:orange"), ("kl_rolling", "tab:red")):
-        kl_x, kl = series(key)
-        if kl_x:
-            kl_axes.plot(kl_x, kl, marker=".", color=color, label=key)
-    kl_axes.set_title("KL to the reference (champion)", fontsize=10)
-    kl_axes.set_xlabel("step")
-    kl_axes.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=100)
-    return path
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -340,10 +311,7 @@ class NightRun:
         from mlflow.entities import Param
 
         flat = flatten_params(params, prefix)
-        items = [Param(key, value) for key, value in flat.items()]
-        with self._errors("log params"):
-            for start in range(0, len(items), BATCH_PARAMS):
-                self._mlflow().log_batch(self.run_id, params=items[start : start + BATCH_PARAMS])
+        self._log_batch("log params", params=[Param(key, value) for key, value in flat.items()])
         return flat
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int = 0) -> dict[str, float]:
@@ -355,10 +323,8 @@ class NightRun:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(key, str(value)[:8000]) for key, value in tags.items()]
-        with self._errors("set run tags"):
-            for start in range(0, len(items), BATCH_PARAMS):
-                self._mlflow().log_batch(self.run_id, tags=items[start : start + BATCH_PARAMS])
+        items = [RunTag(key, str(value)[:MAX_TAG_VALUE_LENGTH]) for key, value in tags.items()]
+        self._log_batch("set run tags", tags=items)
 
     def log_window(self, manifest: Mapping[str, Any]) -> None:
         """The snapshot manifest: its scalar fields as `data.*` params, the whole as `snapshot_manifest.json`."""
@@ -366,13 +332,12 @@ class NightRun:
         self.log_json("snapshot_manifest.json", manifest)
 
     def log_training(self, metrics_path: Path) -> int:
-        """metrics.jsonl as step metrics (`train/<key>`) and `plots/training.png`; returns the steps logged."""
+        """metrics.jsonl as step metrics (`train/<key>`, charted by MLflow) and as `train/metrics.jsonl`.
+
+        Returns the number of steps logged.
+        """
         steps = read_training_metrics(metrics_path)
         self._log_metric_rows([(int(row["step"]), step_figures(row)) for row in steps])
-        if steps:
-            with tempfile.TemporaryDirectory() as scratch:
-                plot = plot_training(steps, Path(scratch) / Path(TRAINING_PLOT).name)
-                self._log_file(plot, str(Path(TRAINING_PLOT).parent))
         self.log_file(metrics_path, "train")
         return len(steps)
 
@@ -389,7 +354,7 @@ class NightRun:
         self.set_tags({"gate": "passed" if report.passed else "failed"})
         self.log_text("gate.md", report_markdown(report))
         self.log_json("gate.json", report.as_json())
-        with tempfile.TemporaryDirectory() as scratch:
+        with tempfile.TemporaryDirectory() as scratch:  # `plot_deltas` draws to a file, not a figure
             plot = plot_deltas(report, Path(scratch) / Path(GATE_PLOT).name)
             self._log_file(plot, str(Path(GATE_PLOT).parent))
 
@@ -399,7 +364,9 @@ class NightRun:
             self._mlflow().log_text(self.run_id, text, name)
 
     def log_json(self, name: str, value: Any) -> None:
-        self.log_text(name, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+        """A JSON artifact (YAML when `name` ends in `.yml`/`.yaml`), through MLflow's `log_dict`."""
+        with self._errors(f"log {name}"):
+            self._mlflow().log_dict(self.run_id, value, name)
 
     def log_file(self, path: Path, artifact_path: str | None = None) -> None:
         """One local file as an artifact under `artifact_path`."""
@@ -431,9 +398,13 @@ class NightRun:
 
         now = int(time.time() * 1000)
         items = [Metric(key, value, now, step) for step, figures in rows for key, value in figures.items()]
-        with self._errors("log metrics"):
-            for start in range(0, len(items), BATCH_METRICS):
-                self._mlflow().log_batch(self.run_id, metrics=items[start : start + BATCH_METRICS])
+        self._log_batch("log metrics", metrics=items)
+
+    def _log_batch(self, what: str, **entities: Sequence[Any]) -> None:
+        """One `log_batch` call: MLflow splits it into batches its store accepts; synchronous, so an
+        error surfaces here (`MLFLOW_ENABLE_ASYNC_LOGGING` would otherwise defer it)."""
+        with self._errors(what):
+            self._mlflow().log_batch(self.run_id, synchronous=True, **entities)
 
     def _errors(self, what: str) -> MlflowErrors:
         return MlflowErrors(self.tracking_uri, what, TrackingError)

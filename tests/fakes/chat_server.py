@@ -23,12 +23,14 @@ class Fault:
     body: str | None = None  # raw body to send instead of a completion
     delay: float = 0.0
     drop: bool = False  # close the connection without answering
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. Retry-After
 
 
 @dataclass
 class ChatServerState:
     faults: deque[Fault] = field(default_factory=deque)
     requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)  # the request headers, in order
     refuse_response_format: bool = False
     answer_text: str | None = None  # fixed completion text, e.g. something unparseable
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -66,6 +68,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with self.state.lock:
             self.state.requests.append(body)
+            self.state.headers.append({k.lower(): v for k, v in self.headers.items()})
             fault = self.state.faults.popleft() if self.state.faults else None
         if fault is not None:
             time.sleep(fault.delay)
@@ -74,7 +77,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.shutdown(2)
                 return
             if fault.status != 200 or fault.body is not None:
-                return self._send(fault.status, fault.body or json.dumps({"error": "scripted"}))
+                payload = fault.body or json.dumps({"error": "scripted"})
+                return self._send(fault.status, payload, fault.headers)
         if self.state.refuse_response_format and "response_format" in body:
             return self._send(400, json.dumps({"error": "response_format is not supported"}))
         text = self.state.answer_text if self.state.answer_text is not None else judge_answer(body)
@@ -84,9 +88,11 @@ class _Handler(BaseHTTPRequestHandler):
         }
         self._send(200, json.dumps(completion))
 
-    def _send(self, status: int, payload: str) -> None:
+    def _send(self, status: int, payload: str, headers: dict[str, str] | None = None) -> None:
         data = payload.encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -94,9 +100,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class ChatServer:
-    def __init__(self) -> None:
+    def __init__(self, *, keep_alive: bool = False) -> None:
+        """`keep_alive`: HTTP/1.1, connections stay open between requests, as vLLM's server does."""
         self.state = ChatServerState()
-        handler = type("Handler", (_Handler,), {"state": self.state})
+        protocol = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+        handler = type("Handler", (_Handler,), {"state": self.state, "protocol_version": protocol})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 

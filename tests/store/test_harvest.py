@@ -14,6 +14,8 @@ from storage import reads
 from storage.models import QuarantinedRow, Snapshot
 from tests.conftest import T0, make_record
 
+KEY = b"test-pseudonym-key-0123456789"  # the keyed pseudonyms of user ids
+
 
 def prompt(n: int, text: str) -> list[dict]:
     return [{"role": "user", "content": text}] if n >= 0 else []
@@ -49,7 +51,9 @@ FILTER = TrackFilter(models=["support"])
 
 def test_drops_are_counted_by_reason_and_pii_redacted(engine: Engine, tmp_path: Path) -> None:
     seeded(engine)
-    result = harvest(engine, "support", SETTINGS, FILTER, batch_size=3, out=tmp_path / "preview.jsonl")
+    result = harvest(
+        engine, "support", SETTINGS, FILTER, batch_size=3, out=tmp_path / "preview.jsonl", pseudonym_key=KEY
+    )
     assert result.rows_read == 10
     assert dict(result.dropped) == {
         "no_consent": 1,
@@ -71,8 +75,8 @@ def test_drops_are_counted_by_reason_and_pii_redacted(engine: Engine, tmp_path: 
 
 def test_preview_moves_nothing_and_is_reproducible(engine: Engine) -> None:
     seeded(engine)
-    first = harvest(engine, "support", SETTINGS, FILTER)
-    second = harvest(engine, "support", SETTINGS, FILTER)
+    first = harvest(engine, "support", SETTINGS, FILTER, pseudonym_key=KEY)
+    second = harvest(engine, "support", SETTINGS, FILTER, pseudonym_key=KEY)
     assert first.sha256 == second.sha256 and first.rows_kept == second.rows_kept == 5
     assert reads.get_watermark(engine, "support").last_id is None
     with engine.connect() as connection:
@@ -81,16 +85,16 @@ def test_preview_moves_nothing_and_is_reproducible(engine: Engine) -> None:
 
 def test_watermark_moves_only_on_commit(engine: Engine, tmp_path: Path) -> None:
     seeded(engine)
-    night = harvest(engine, "support", SETTINGS, FILTER, snapshot_dir=tmp_path)
+    night = harvest(engine, "support", SETTINGS, FILTER, snapshot_dir=tmp_path, pseudonym_key=KEY)
     assert night.snapshot_id is not None and night.path is not None and night.path.exists()
     # The night failed after harvest: nothing committed, the same window comes again.
-    retry = harvest(engine, "support", SETTINGS, FILTER, snapshot_dir=tmp_path)
+    retry = harvest(engine, "support", SETTINGS, FILTER, snapshot_dir=tmp_path, pseudonym_key=KEY)
     assert (retry.window, retry.sha256) == (night.window, night.sha256)
     state = commit(engine, retry.snapshot_id)
     assert state.last_id == 10
     assert commit(engine, night.snapshot_id).last_id == 10  # never backwards, idempotent
     storage.log_interactions(engine, [make_record(n, user_id=f"new-{n}") for n in range(20, 23)])
-    nxt = harvest(engine, "support", SETTINGS, FILTER)
+    nxt = harvest(engine, "support", SETTINGS, FILTER, pseudonym_key=KEY)
     assert (nxt.window.after_id, nxt.window.until_id, nxt.rows_read, nxt.rows_kept) == (10, 13, 3, 3)
 
 
@@ -98,7 +102,7 @@ def test_snapshot_file_matches_manifest(engine: Engine, tmp_path: Path) -> None:
     import hashlib
 
     seeded(engine)
-    result = harvest(engine, "support", SETTINGS, FILTER, snapshot_dir=tmp_path)
+    result = harvest(engine, "support", SETTINGS, FILTER, snapshot_dir=tmp_path, pseudonym_key=KEY)
     assert result.path is not None
     assert hashlib.sha256(result.path.read_bytes()).hexdigest() == result.sha256
     manifest = reads.get_snapshot(engine, result.snapshot_id)
@@ -109,7 +113,15 @@ def test_snapshot_file_matches_manifest(engine: Engine, tmp_path: Path) -> None:
 def test_streams_in_batches(engine: Engine) -> None:
     storage.log_interactions(engine, [make_record(n, user_id=f"u{n}") for n in range(50)])
     seen: list[int] = []
-    harvest(engine, "support", HarvestConfig(), TrackFilter(), batch_size=8, progress=seen.append)
+    harvest(
+        engine,
+        "support",
+        HarvestConfig(),
+        TrackFilter(),
+        batch_size=8,
+        progress=seen.append,
+        pseudonym_key=KEY,
+    )
     assert sum(seen) == 50 and max(seen) <= 8 and len(seen) >= 7
 
 
@@ -119,7 +131,7 @@ def test_rows_written_behind_the_api_are_rechecked(engine: Engine) -> None:
         connection.execute(
             text("UPDATE interactions SET messages = :m WHERE id = 1"), {"m": json.dumps([{"role": "x"}])}
         )
-    result = harvest(engine, "support", HarvestConfig(), TrackFilter(), snapshot_dir=None)
+    result = harvest(engine, "support", HarvestConfig(), TrackFilter(), snapshot_dir=None, pseudonym_key=KEY)
     assert dict(result.dropped) == {"malformed": 1}
 
 
@@ -160,14 +172,24 @@ def test_external_source_with_column_mapping(engine: Engine, tmp_path: Path) -> 
     )
     settings = HarvestConfig(source=source)
     until = (T0 + timedelta(hours=2, minutes=30)).replace(tzinfo=None).replace(tzinfo=UTC)
-    first = harvest(engine, "support", settings, TrackFilter(), snapshot_dir=tmp_path / "snaps", until=until)
+    first = harvest(
+        engine,
+        "support",
+        settings,
+        TrackFilter(),
+        snapshot_dir=tmp_path / "snaps",
+        until=until,
+        pseudonym_key=KEY,
+    )
     assert (first.rows_read, first.rows_kept, dict(first.dropped)) == (3, 2, {"malformed": 1})
     assert first.redactions["EMAIL"] == 1
     with engine.connect() as connection:
         reason, source_name = connection.execute(select(QuarantinedRow.reason, QuarantinedRow.source)).one()
     assert reason.startswith("messages") and source_name == "harvest:support"
     commit(engine, first.snapshot_id)
-    later = harvest(engine, "support", settings, TrackFilter(), until=datetime(2030, 1, 1, tzinfo=UTC))
+    later = harvest(
+        engine, "support", settings, TrackFilter(), until=datetime(2030, 1, 1, tzinfo=UTC), pseudonym_key=KEY
+    )
     assert (later.rows_read, later.rows_kept) == (1, 1)
 
 
@@ -178,4 +200,4 @@ def test_external_source_errors_are_one_line(engine: Engine, tmp_path: Path) -> 
     with pytest.raises(
         storage.UserError, match=r"harvest source query failed on sqlite.*no such table: missing"
     ):
-        harvest(engine, "support", HarvestConfig(source=source), TrackFilter())
+        harvest(engine, "support", HarvestConfig(source=source), TrackFilter(), pseudonym_key=KEY)

@@ -1,4 +1,4 @@
-"""Tests for evals.calibration: Spearman against scipy, thumb accuracy, and planted agreeing and
+"""Tests for evals.calibration: Spearman against its definition, thumb accuracy, and planted agreeing and
 anti-correlated judges caught by `calibrate`."""
 
 from __future__ import annotations
@@ -8,34 +8,45 @@ from typing import Any
 
 import numpy as np
 import pytest
-from scipy import stats
 
 from evals.calibration import CalibrationReport, calibrate, spearman, thumb_accuracy
 
 # ---- spearman ---------------------------------------------------------------------------------
 
 
-def scipy_spearman(x: np.ndarray, y: np.ndarray) -> float:
-    result: Any = stats.spearmanr(x, y)  # scipy's stubs do not type the result
-    return float(result.statistic)
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """Rank 1..n by definition: values below, plus the middle of the tied group (O(n**2), no sorting)."""
+    below = (values[None, :] < values[:, None]).sum(axis=1)
+    tied = (values[None, :] == values[:, None]).sum(axis=1)
+    return below + (tied + 1) / 2
+
+
+def spearman_by_definition(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's correlation of the average ranks."""
+    return float(np.corrcoef(average_ranks(x), average_ranks(y))[0, 1])
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_spearman_matches_scipy_on_random_data_with_ties(seed: int) -> None:
+def test_spearman_matches_its_definition_on_random_data_with_ties(seed: int) -> None:
     rng = np.random.default_rng(seed)
     n = int(rng.integers(3, 60))
     x = rng.integers(1, 6, size=n).astype(float)  # ratings-like: many ties
     y = np.round(0.5 * x + rng.normal(0, 1.5, size=n), 1)  # judge-like: some ties
     if len(set(x)) == 1 or len(set(y)) == 1:
         pytest.skip("constant side drawn")
-    expected = scipy_spearman(x, y)
-    assert spearman(x.tolist(), y.tolist()) == pytest.approx(expected, abs=1e-12)
+    assert spearman(x.tolist(), y.tolist()) == pytest.approx(spearman_by_definition(x, y), abs=1e-12)
 
 
-def test_spearman_matches_scipy_on_continuous_data() -> None:
+def test_spearman_matches_its_definition_on_continuous_data() -> None:
     rng = np.random.default_rng(7)
     x, y = rng.normal(size=500), rng.normal(size=500)
-    assert spearman(list(x), list(y)) == pytest.approx(scipy_spearman(x, y), abs=1e-12)
+    assert spearman(list(x), list(y)) == pytest.approx(spearman_by_definition(x, y), abs=1e-12)
+
+
+def test_spearman_with_ties_worked_by_hand() -> None:
+    # Ranks (1, 2.5, 2.5, 4) and (1, 3, 2, 4); centred: (-1.5, 0, 0, 1.5) and (-1.5, 0.5, -0.5, 1.5),
+    # so rho = 4.5 / sqrt(4.5 * 5) = 3 / sqrt(10).
+    assert spearman([1.0, 2.0, 2.0, 3.0], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(3 / math.sqrt(10))
 
 
 def test_spearman_perfect_and_inverse_agreement() -> None:

@@ -4,6 +4,7 @@ reward-function wrapper, user feedback as a score and the weighted blend of rewa
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -14,14 +15,18 @@ from evals.graders import (
     ExactGrader,
     Grader,
     JsonSchemaGrader,
+    JudgeSpec,
     NumericGrader,
     RegexGrader,
+    RegexSpec,
     Sample,
     WeightedReward,
     as_reward_function,
     combine_scores,
     feedback_score,
     grader_from_spec,
+    validate_grader_spec,
+    weighted_grader,
 )
 from storage.errors import UserError
 
@@ -294,41 +299,103 @@ def test_spec_name_is_kept() -> None:
 @pytest.mark.parametrize(
     ("spec", "needles"),
     [
-        ({"type": "bleu"}, ["unknown", "'bleu'"]),
-        ({"pattern": "x"}, ["missing key 'type'"]),
-        ("exact", ["object"]),
-        ({"type": "judge", "rubric": "helpful"}, ["judge"]),
-        ({"type": "regex"}, ["missing key 'pattern'"]),
-        ({"type": "json_schema"}, ["missing key 'schema'"]),
-        ({"type": "python"}, ["missing key 'target'"]),
-        ({"type": "exact", "expcted": "x"}, ["unknown key 'expcted'"]),
-        ({"type": "exact", "case_sensitive": "yes"}, ["'case_sensitive'", "true/false"]),
-        ({"type": "numeric", "tolerance": True}, ["'tolerance'"]),
-        ({"type": "numeric", "tolerance": -1}, ["'tolerance'", ">= 0"]),
-        ({"type": "contains", "substrings": ["a", 1]}, ["'substrings'", "list of strings"]),
-        ({"type": "contains", "mode": "most"}, ["'mode'", "'most'"]),
-        ({"type": "regex", "pattern": "(unclosed"}, ["invalid regex", "'pattern'", "(unclosed"]),
-        ({"type": "regex", "pattern": "x", "mode": "match"}, ["'mode'", "'fullmatch'"]),
-        ({"type": "regex", "pattern": "x", "flags": ["CASELESS"]}, ["'flags'", "CASELESS"]),
-        ({"type": "json_schema", "schema": {"type": "strin"}}, ["invalid 'schema'", "type"]),
+        ({"type": "bleu"}, ["grader: ", "'bleu'", "does not match", "'exact'", "'judge'"]),
+        ({"pattern": "x"}, ["grader: ", "'type'"]),
+        ("exact", ["grader: ", "valid dictionary"]),
+        ({"type": "judge", "rubric": "helpful"}, ["judge", "judge stage"]),
+        ({"type": "regex"}, ["grader.regex.pattern: required key is missing"]),
+        ({"type": "json_schema"}, ["grader.json_schema.schema: required key is missing"]),
+        ({"type": "python"}, ["grader.python.target: required key is missing"]),
+        ({"type": "exact", "expcted": "x"}, ["grader.exact.expcted: unknown key"]),
+        ({"type": "exact", "case_sensitive": "yes"}, ["grader.exact.case_sensitive: ", "valid boolean"]),
+        ({"type": "exact", "name": ""}, ["grader.exact.name: ", "at least 1 character"]),
+        ({"type": "numeric", "tolerance": True}, ["grader.numeric.tolerance: ", "valid number"]),
+        ({"type": "numeric", "tolerance": -1}, ["grader.numeric.tolerance: ", "greater than or equal to 0"]),
+        (
+            {"type": "numeric", "tolerance": math.nan},
+            ["grader.numeric.tolerance: ", "greater than or equal to 0"],
+        ),
+        ({"type": "contains", "substrings": ["a", 1]}, ["grader.contains.substrings.1: ", "valid string"]),
+        ({"type": "contains", "mode": "most"}, ["grader.contains.mode: ", "'all' or 'any'"]),
+        (
+            {"type": "regex", "pattern": "(unclosed"},
+            ["grader.regex.pattern: ", "invalid regex", "(unclosed", "missing )"],
+        ),
+        ({"type": "regex", "pattern": "x", "mode": "match"}, ["grader.regex.mode: ", "'fullmatch'"]),
+        ({"type": "regex", "pattern": "x", "flags": ["CASELESS"]}, ["grader.regex.flags: ", "CASELESS"]),
+        ({"type": "regex", "pattern": "x", "flags": 2}, ["grader.regex.flags: ", "valid list"]),
+        (
+            {"type": "json_schema", "schema": {"type": "strin"}},
+            ["grader.json_schema.schema: ", "invalid schema at type"],
+        ),
         (
             {"type": "json_schema", "schema": {"properties": {"a": {"minimum": "zero"}}}},
-            ["invalid 'schema'", "minimum"],
+            ["grader.json_schema.schema: ", "invalid schema at properties/a/minimum"],
         ),
-        ({"type": "json_schema", "schema": "object"}, ["'schema'", "an object"]),
-        ({"type": "python", "target": "no_such_module_xyz:f"}, ["'target'", "no_such_module_xyz"]),
+        ({"type": "json_schema", "schema": "object"}, ["grader.json_schema.schema: ", "valid dictionary"]),
+        (
+            {"type": "python", "target": "no_such_module_xyz:f"},
+            ["grader.python.target: ", "cannot load", "no_such_module_xyz"],
+        ),
         (
             {"type": "python", "target": "tests.unit.test_graders:no_such_function"},
-            ["'target'", "no_such_function"],
+            ["grader.python.target: ", "cannot load", "no_such_function"],
         ),
-        ({"type": "python", "target": "tests.unit.test_graders"}, ["'target'", "module:function"]),
-        ({"type": "python", "target": "tests.unit.test_graders:PERSON_SCHEMA"}, ["not callable"]),
+        (
+            {"type": "python", "target": "tests.unit.test_graders"},
+            ["grader.python.target: ", "module:function"],
+        ),
+        (
+            {"type": "python", "target": "tests.unit.test_graders:PERSON_SCHEMA"},
+            ["grader.python.target: ", "not callable"],
+        ),
     ],
 )
 def test_spec_errors_are_one_line_user_errors(spec: Any, needles: list[str]) -> None:
     with pytest.raises(UserError) as error:
         grader_from_spec(spec)
     assert_one_line_user_error(error, *needles)
+
+
+def test_spec_validates_to_its_model_and_accepts_any_mapping() -> None:
+    spec = validate_grader_spec(MappingProxyType({"type": "regex", "pattern": "a", "flags": "i"}))
+    assert isinstance(spec, RegexSpec) and spec.flags == ["i"] and spec.mode == "search"
+    judge = validate_grader_spec({"type": "judge", "rubric": "safety"})
+    assert isinstance(judge, JudgeSpec) and judge.rubric == "safety"
+
+
+@pytest.mark.parametrize(
+    ("spec", "weight"),
+    [
+        ({"type": "exact"}, 1.0),
+        ({"type": "exact", "weight": 2}, 2.0),
+        ({"type": "exact", "weight": 0.0}, 0.0),
+    ],
+)
+def test_weighted_grader_reads_the_weight(spec: dict[str, Any], weight: float) -> None:
+    assert weighted_grader(spec) == (weight, ExactGrader())
+
+
+@pytest.mark.parametrize(
+    ("spec", "needles"),
+    [
+        ({"type": "exact", "weight": -1}, ["weight: ", "greater than or equal to 0"]),
+        ({"type": "exact", "weight": math.inf}, ["weight: ", "finite number"]),
+        ({"type": "exact", "weight": True}, ["weight: ", "valid number"]),
+        ({"type": "exact", "weight": "1"}, ["weight: ", "valid number"]),
+        ({"type": "regex", "pattern": "(", "weight": 1}, ["grader.regex.pattern: ", "invalid regex"]),
+    ],
+)
+def test_weighted_grader_errors_name_the_key(spec: dict[str, Any], needles: list[str]) -> None:
+    with pytest.raises(UserError) as error:
+        weighted_grader(spec)
+    assert_one_line_user_error(error, *needles)
+
+
+def test_weight_belongs_to_reward_entries_not_to_grader_specs() -> None:
+    with pytest.raises(UserError) as error:
+        grader_from_spec({"type": "exact", "weight": 1})
+    assert_one_line_user_error(error, "grader.exact.weight: unknown key")
 
 
 def test_every_grader_satisfies_the_protocol() -> None:

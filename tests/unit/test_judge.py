@@ -1,5 +1,7 @@
 """The judge's I/O half against a real in-process HTTP server: retries, breaker, fallback, cache, budget."""
 
+import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,6 @@ def settings(server: ChatServer, **overrides) -> JudgeSettings:
         "model": "judge",
         "timeout_seconds": 2.0,
         "max_retries": 3,
-        "backoff_base_seconds": 0.01,
-        "backoff_max_seconds": 0.05,
     }
     return JudgeSettings(**{**values, **overrides})
 
@@ -28,6 +28,13 @@ def settings(server: ChatServer, **overrides) -> JudgeSettings:
 @pytest.fixture
 def server():
     with ChatServer() as running:
+        yield running
+
+
+@pytest.fixture
+def keep_alive_server():
+    """Pooled connections, as with vLLM: a client kept from one event loop to the next would break."""
+    with ChatServer(keep_alive=True) as running:
         yield running
 
 
@@ -77,9 +84,7 @@ def test_transient_failures_are_retried(server: ChatServer, faults: list[Fault])
 
 
 def test_unreachable_judge_fails_with_one_line() -> None:
-    judge = LlmJudge(
-        JudgeSettings(base_url="http://127.0.0.1:9", model="judge", max_retries=2, backoff_base_seconds=0.01)
-    )
+    judge = LlmJudge(JudgeSettings(base_url="http://127.0.0.1:9", model="judge", max_retries=2))
     with pytest.raises(JudgeUnavailable) as caught:
         score(judge, ["anything"])
     message = str(caught.value)
@@ -155,3 +160,53 @@ def test_budget_caps_judged_items(server: ChatServer) -> None:
     verdicts = score(judge, ["GOOD a", "b", "c", "d"])
     assert [v.status for v in verdicts].count("skipped") == 2 and judge.stats.judged == 2
     assert all(v.score is None for v in verdicts if v.status == "skipped")
+
+
+def test_retry_after_is_honoured(server: ChatServer) -> None:
+    server.state.faults.append(Fault(status=429, headers={"Retry-After": "1"}))
+    judge = LlmJudge(settings(server))
+    started = time.monotonic()
+    (verdict,) = score(judge, ["GOOD"])
+    assert verdict.raw_score == 9 and judge.stats.retries == 1
+    assert time.monotonic() - started >= 1.0  # the backoff alone would wait at most 0.5 s
+
+
+def test_budget_holds_across_calls_on_one_instance(keep_alive_server: ChatServer) -> None:
+    server = keep_alive_server
+    judge = LlmJudge(settings(server, budget_items=3))  # one instance per night, one event loop per call
+    first = score(judge, ["GOOD a", "b"])
+    second = score(judge, ["GOOD c", "d"])
+    assert [v.status for v in first + second] == ["ok", "ok", "ok", "skipped"]
+    assert (judge.stats.judged, judge.stats.skipped, judge.stats.calls) == (3, 1, 3)
+    assert judge.stats.prompt_tokens == 300 and len(server.state.requests) == 3
+
+
+def test_open_circuit_stays_open_for_the_next_call(server: ChatServer) -> None:
+    server.state.faults.extend(Fault(status=503) for _ in range(10))
+    judge = LlmJudge(settings(server, max_retries=5, breaker_threshold=2))
+    with pytest.raises(JudgeUnavailable, match="circuit open"):
+        score(judge, ["a"])
+    with pytest.raises(JudgeUnavailable, match=r"2 consecutive requests failed \(circuit open\)"):
+        score(judge, ["b"])
+    assert len(server.state.requests) == 2 and judge.stats.calls == 2
+
+
+def test_overlapping_calls_on_one_loop_then_a_call_on_another(keep_alive_server: ChatServer) -> None:
+    judge = LlmJudge(settings(keep_alive_server))
+
+    async def both():
+        return await asyncio.gather(
+            judge.score(RUBRIC, [CONVERSATION], ["GOOD"]),
+            judge.score_groups(RUBRIC, [CONVERSATION], [["GOOD x", "bad y"]]),
+        )
+
+    pointwise, groups = run_sync(both())
+    assert pointwise[0].raw_score == 9 and [v.raw_score for v in groups[0]] == [9, 2]
+    assert score(judge, ["bad"])[0].raw_score == 2  # and a later call, on a new loop, still works
+
+
+def test_api_key_is_sent_only_when_configured(server: ChatServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-for-this-endpoint")
+    score(LlmJudge(settings(server)), ["GOOD"])
+    score(LlmJudge(settings(server, api_key="judge-key")), ["GOOD"])
+    assert [h.get("authorization") for h in server.state.headers] == [None, "Bearer judge-key"]

@@ -52,6 +52,9 @@ IBAN_CASES = [
     ("NL91 ABNA 0417 1643 00, thanks", "[IBAN], thanks"),
     ("Konto BE68 5390 0754 7034 EUR", "Konto [IBAN] EUR"),
     ("FR14 2004 1010 0505 0001 3M02 606 is mine", "[IBAN] is mine"),
+    # In use but outside SWIFT's registry (so `stdnum.iban.is_valid` refuses them): still personal data.
+    ("Shaba IR06 2960 0000 0010 0324 2000 01 please", "Shaba [IBAN] please"),
+    ("compte CI93CI0080111301134291200589.", "compte [IBAN]."),
 ]
 IP_CASES = [
     ("ssh into 192.168.1.10 now", "ssh into [IP] now"),

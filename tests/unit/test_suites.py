@@ -110,30 +110,42 @@ def line(**changes: Any) -> str:
     [
         ("{not json", "invalid JSON"),
         ("[1, 2]", "must be a JSON object, got list"),
-        (line(id=None), "missing key 'id'"),
-        (line(id=""), "'id' must be a non-empty string"),
-        (line(answer="x"), "unknown key 'answer'"),
-        (line(messages=[]), "'messages' must be a non-empty list"),
+        (line(id=None), "id: required key is missing"),
+        (line(id=" "), "id: must not be blank"),
+        (line(id=7), "id: Input should be a valid string"),
+        (line(answer="x"), "answer: unknown key"),
+        (line(messages=[]), "messages: List should have at least 1 item"),
         (
             line(messages=[{"role": "robot", "content": "x"}]),
-            "role must be one of system, user, assistant, tool",
+            "messages.0.role: Input should be 'system', 'user', 'assistant' or 'tool'",
         ),
         (
             line(messages=[{"role": "user"}]),
-            "messages[0] must be an object with exactly 'role' and 'content'",
+            "messages.0.content: required key is missing",
         ),
         (
             line(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]),
             "last message",
         ),
-        (line(grader={"type": "fuzzy"}), "unknown 'type' 'fuzzy'"),
-        (line(grader={"type": "regex", "pattern": "("}), "invalid regex"),
-        (line(grader={"type": "python", "target": "evals.suites:nothing_here"}), "cannot load 'target'"),
-        (line(grader={"type": "judge", "model": "x"}), "grader type 'judge': unknown key 'model'"),
-        (line(grader={"type": "exact"}), "'exact' needs 'expected' or the case's 'reference'"),
-        (line(grader={"type": "numeric"}), "'numeric' needs 'expected'"),
-        (line(tags="safety"), "'tags' must be a list of non-empty strings"),
-        (line(reference=3), "'reference' must be a string"),
+        (
+            line(messages=[{"role": "user", "content": "q", "name": "x"}]),
+            "messages.0.name: unknown key",
+        ),
+        (line(grader={"type": "fuzzy"}), "grader: Input tag 'fuzzy' found using 'type' does not match"),
+        (line(grader={"type": "regex", "pattern": "("}), "grader.regex.pattern: invalid regex"),
+        (
+            line(grader={"type": "python", "target": "evals.suites:nothing_here"}),
+            "grader.python.target: cannot load 'evals.suites:nothing_here'",
+        ),
+        (line(grader={"type": "judge", "model": "x"}), "grader.judge.model: unknown key"),
+        (line(grader={"type": "judge", "rubric": ""}), "grader.judge.rubric: String should have at least 1"),
+        (line(grader={"type": "exact"}), "grader: type 'exact' needs 'expected' or the case's 'reference'"),
+        (line(grader={"type": "contains"}), "grader: type 'contains' needs 'substrings'"),
+        (line(grader={"type": "numeric"}), "grader: type 'numeric' needs 'expected'"),
+        (line(tags="safety"), "tags: Input should be a valid list"),
+        (line(tags=["safety", ""]), "tags.1: String should have at least 1 character"),
+        (line(reference=3), "reference: Input should be a valid string"),
+        (line(metadata=[1]), "metadata: Input should be a valid dictionary"),
     ],
 )
 def test_a_bad_line_is_one_user_error_naming_file_and_line(tmp_path: Path, text: str, problem: str) -> None:
@@ -144,6 +156,18 @@ def test_a_bad_line_is_one_user_error_naming_file_and_line(tmp_path: Path, text:
     message = str(caught.value)
     assert message.startswith(f"{path}:3: ") and problem in message
     assert "\n" not in message
+
+
+def test_answers_may_come_from_the_grader_the_reference_or_the_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "answers.jsonl"
+    lines = [
+        line(id="a", grader={"type": "numeric"}, metadata={"answer": 4}),
+        line(id="b", grader={"type": "numeric", "expected": 4}),
+        line(id="c", grader={"type": "exact"}, reference="4"),
+        line(id="d", grader={"type": "contains", "substrings": "4"}),
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert [case.score("it is 4") for case in load_suite(path).cases] == [1.0, 1.0, 0.0, 1.0]
 
 
 def test_a_duplicate_id_names_both_lines(tmp_path: Path) -> None:

@@ -1,0 +1,107 @@
+"""The tables the commands print: one function per table, from the JSON the command also prints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from flows.cli.app import fmt
+
+
+def harvest_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table("track", "read", "kept", "dropped", "redacted", "sha256", title=title)
+    for row in rows:
+        dropped = ", ".join(f"{k} {v}" for k, v in row["dropped"].items()) or "-"
+        redacted = ", ".join(f"{k} {v}" for k, v in row["redactions"].items()) or "-"
+        table.add_row(row["track"], str(row["read"]), str(row["rows"]), dropped, redacted, row["sha256"][:12])
+    return table
+
+
+def judge_table(tracks: list[dict[str, Any]], title: str) -> Table:
+    table = Table("track", "judged", "failed", "skipped", "reward", "ρ rating", "thumb acc", "calls", "hits",
+                  title=title)  # fmt: skip
+    for track in tracks:
+        judged, calibration = track["judge"], track["judge"]["calibration"]
+        table.add_row(
+            track["track"],
+            str(judged["scored"]),
+            str(judged["failed"]),
+            str(judged["skipped"]),
+            fmt(judged["mean_reward"]),
+            fmt(calibration.get("spearman_rating")),
+            fmt(calibration.get("thumb_accuracy")),
+            fmt(judged["judge"]["judge_calls"]),
+            fmt(judged["judge"]["judge_cache_hits"]),
+        )
+    return table
+
+
+def night_table(entries: list[dict[str, Any]], title: str) -> Table:
+    table = Table(
+        "track", "status", "version", "rows", "reward", "steps", "stop", "KL", "deployed", "note", title=title
+    )
+    for entry in entries:
+        trained = entry.get("train") or {}
+        table.add_row(
+            entry["track"],
+            entry["status"],
+            fmt(entry.get("version")),
+            fmt(entry.get("rows")),
+            fmt(entry.get("mean_reward")),
+            fmt(trained.get("steps")),
+            fmt(trained.get("stop_reason")),
+            fmt(trained.get("kl")),
+            "yes" if entry.get("deployed") else "no",
+            entry.get("error") or ("already done" if entry.get("already_done") else ""),
+        )
+    return table
+
+
+def gate_table(report: dict[str, Any], title: str) -> Table:
+    table = Table("gate", "passed", "metric", "Δ vs champion", "CI", "threshold", "n", title=title)
+    for gate in report["gates"]:
+        low, high = gate.get("ci_low"), gate.get("ci_high")
+        interval = "-" if gate.get("delta") is None else f"[{fmt(low)}, {fmt(high)}]"
+        table.add_row(
+            gate["name"],
+            "[green]yes[/green]" if gate["passed"] else "[red]no[/red]",
+            fmt(gate.get("metric")),
+            fmt(gate.get("delta")),
+            interval,
+            fmt(gate.get("threshold")),
+            fmt(gate.get("n")),
+        )
+    return table
+
+
+def trend_table(nights: list[dict[str, Any]]) -> Table:
+    """Held-out reward of champion and candidate per night and track: the loop's learning curve."""
+    table = Table(
+        "night", "track", "champion", "candidate", "gain CI", "status", title="held-out reward by night"
+    )
+    for night in nights:
+        for entry in night["tracks"]:
+            gates = {g["name"]: g for g in ((entry.get("gate") or {}).get("gates") or [])}
+            gain = gates.get("heldout_gain")
+            if gain is None:
+                table.add_row(str(night["night"]), entry["track"], "-", "-", "-", entry["status"])
+                continue
+            interval = f"[{fmt(gain['ci_low'])}, {fmt(gain['ci_high'])}]"
+            table.add_row(
+                str(night["night"]),
+                entry["track"],
+                fmt(gain.get("champion_metric")),
+                fmt(gain.get("metric")),
+                interval,
+                entry["status"],
+            )
+    return table
+
+
+def host(url: str) -> str:
+    return url.split("://", 1)[-1].rstrip("/")
+
+
+def version_name(value: Any) -> str:
+    return f"v{value}" if isinstance(value, int) else ("-" if value is None else str(value))
