@@ -31,7 +31,10 @@ from pipeline.deploy.vllm_process import ServerSpec, free_port
 
 DEMO_HOME = Path(".overnight/demo")
 MALFORMED_EVERY = 50  # one malformed line per this many records, as real logs have
-JUDGE_BUDGET = 64  # LLM-judged rows per track per night (the rest are counted as skipped)
+# LLM-judged items per track per night: the judge stage's rows (JUDGE_STAGE_ITEMS), the training
+# rewards (4 steps x 4 prompts x 4 completions) and the gate's judge cases and held-out replies.
+JUDGE_STAGE_ITEMS = 64
+JUDGE_BUDGET = 400
 KEEP = ("tiny-model",)  # what survives between demo runs (a cache); everything else starts clean
 MATH_REWARD_NOTE = (
     "math is rewarded by a programmatic grader (the reply contains a number): the tiny random model "
@@ -43,8 +46,12 @@ QUESTIONS = {
 }
 
 
-def demo_settings(home: Path, port: int) -> dict[str, Any]:
-    """The demo's overnight.yaml as data: two tracks sized for a tiny model on two CPU cores."""
+def demo_settings(port: int) -> dict[str, Any]:
+    """The demo's overnight.yaml as data: two tracks sized for a tiny model on two CPU cores.
+
+    Paths are relative to the file, which lives in the demo's home: `overnight -c
+    .overnight/demo/overnight.yaml status` works from any directory, and the home can be moved.
+    """
     tiny_train = {
         "learning_rate": 5e-3,
         "temperature": 0.3,  # the tiny model's logits move little: sample near its mode
@@ -57,19 +64,16 @@ def demo_settings(home: Path, port: int) -> dict[str, Any]:
     }
     sampled_gate = {"temperature": 0.3, "max_new_tokens": 16, "max_kl_to_base": 20.0}
     return {
-        "home": str(home),
-        "database": {"url": f"sqlite:///{home / 'overnight.db'}"},
-        "mlflow": {
-            "tracking_uri": f"sqlite:///{home / 'mlflow.db'}",
-            "artifact_location": str(home / "mlartifacts"),
-        },
+        "home": ".",
+        "database": {"url": "sqlite:///overnight.db"},
+        "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "artifact_location": "mlartifacts"},
         "serving": {
-            "base_model": str(home / "tiny-model"),
+            "base_model": "tiny-model",
             "endpoints": [f"http://127.0.0.1:{port}"],
             "port": port,
             "dtype": "float32",
         },
-        "judge": {"budget_items": JUDGE_BUDGET, "max_tokens": 256},
+        "judge": {"budget_items": JUDGE_BUDGET, "stage_items": JUDGE_STAGE_ITEMS, "max_tokens": 256},
         "train": tiny_train,
         "gate": sampled_gate,
         "tracks": [
@@ -119,7 +123,7 @@ def prepare_home(home: Path, port: int) -> tuple[Path, OvernightConfig]:
             entry.unlink()
     path = home / "overnight.yaml"
     header = "# Written by `overnight demo`; rewritten on every demo run.\n"
-    path.write_text(header + yaml.safe_dump(demo_settings(home, port), sort_keys=False), encoding="utf-8")
+    path.write_text(header + yaml.safe_dump(demo_settings(port), sort_keys=False), encoding="utf-8")
     return path, load_config(path, environ={})
 
 

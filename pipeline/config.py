@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -175,9 +175,11 @@ class JudgeConfig(Section):
     concurrency: int = Field(default=8, ge=1, le=256)  # requests in flight at once
     timeout_seconds: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=4, ge=0)  # retries with exponential backoff and jitter
-    budget_items: int = Field(
-        default=5000, ge=1
-    )  # judged items per track per night at most (cache hits are free)
+    # judged items per track per night at most, over the judge, train and gate stages (cache hits are free)
+    budget_items: int = Field(default=5000, ge=1)
+    # rows of tonight's snapshot the judge stage scores at most (None: up to the budget), so that
+    # budget is left for the training rewards and the gate; rows over it keep their other reward parts
+    stage_items: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0)
     max_tokens: int = Field(default=512, ge=1)  # tokens the judge may write (rationale + score)
     swap_orders: bool = False  # group mode: score two candidate orders and average (cancels position bias)
@@ -312,11 +314,85 @@ def load_config(
     data = _read_yaml(file) if explicit or file.exists() else {}
     data, overridden = apply_env_overrides(data, environ)
     try:
-        return OvernightConfig.model_validate(data)
+        config = OvernightConfig.model_validate(data)
     except ValidationError as error:
         loc = ".".join(str(part) for part in error.errors()[0]["loc"])
         origin = next((f" (from {name})" for path, name in overridden.items() if path == loc), "")
         raise ConfigError(f"{file}: {_describe(error)}{origin}") from None
+    if explicit or file.exists():
+        return resolve_relative_paths(config, file.resolve().parent, keep=set(overridden))
+    return config
+
+
+def resolve_relative_paths(
+    config: OvernightConfig, base: Path, *, keep: Set[str] = frozenset()
+) -> OvernightConfig:
+    """Relative paths of a config file made absolute against the file's directory `base`.
+
+    Covers `home`, SQLite URLs (`sqlite:///relative.db`), MLflow's URIs and artifact location, local
+    model directories, suite files and rubric files. HF model ids (`org/name`) and absolute paths are
+    left as they are; so are the dotted keys in `keep` (set from the environment: relative to the
+    working directory, where the variable was set).
+    """
+
+    def path(value: str) -> str:
+        return value if Path(value).is_absolute() or "://" in value else str(base / value)
+
+    def url(value: str) -> str:
+        prefix, sep, rest = value.partition(":///")
+        if (
+            not sep
+            or rest.startswith("/")
+            or not rest
+            or rest == ":memory:"
+            or not prefix.startswith("sqlite")
+        ):
+            return value
+        return f"{prefix}:///{base / rest}"
+
+    def model(value: str | None) -> str | None:
+        if value is None or Path(value).is_absolute():
+            return value
+        local = value.startswith((".", "~")) or (base / value).exists()
+        return str(base / value) if local else value
+
+    def file_or_name(value: str) -> str:
+        return path(value) if Path(value).suffix in {".jsonl", ".md", ".json"} else value
+
+    def pick(key: str, value: Any, resolve: Any) -> Any:
+        return value if key in keep else resolve(value)
+
+    mlflow = config.mlflow
+    tracks = [
+        track.model_copy(
+            update={
+                "base_model": model(track.base_model),
+                "suites": [file_or_name(suite) for suite in track.suites],
+                "rubric": file_or_name(track.rubric),
+            }
+        )
+        for track in config.tracks
+    ]
+    return config.model_copy(
+        update={
+            "home": pick("home", config.home, path),
+            "database": config.database.model_copy(
+                update={"url": pick("database.url", config.database.url, url)}
+            ),
+            "mlflow": mlflow.model_copy(
+                update={
+                    "tracking_uri": pick("mlflow.tracking_uri", mlflow.tracking_uri, url),
+                    "registry_uri": mlflow.registry_uri
+                    and pick("mlflow.registry_uri", mlflow.registry_uri, url),
+                    "artifact_location": pick("mlflow.artifact_location", mlflow.artifact_location, path),
+                }
+            ),
+            "serving": config.serving.model_copy(
+                update={"base_model": pick("serving.base_model", config.serving.base_model, model)}
+            ),
+            "tracks": tracks,
+        }
+    )
 
 
 def _read_yaml(file: Path) -> dict[str, Any]:

@@ -66,7 +66,7 @@ from pipeline.train.rewards import reward_functions
 from storage import runs as ledger
 from storage.reads import get_snapshot
 
-__all__ = ["STAGES", "Night", "NightOutcome", "night_of", "night_status", "summarize"]
+__all__ = ["STAGES", "Night", "NightOutcome", "night_of", "night_status", "run_through", "summarize"]
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +272,7 @@ def judge(night: Night, harvested: Harvested) -> Judged:
         spec=night.spec,
         judge=night.judge if night.spec.reward.judge > 0 else None,
         out=harvested.path.with_suffix(".judged.jsonl"),
+        stage_items=night.config.judge.stage_items,
     )
 
 
@@ -394,6 +395,25 @@ def deploy(night: Night, registered: Registered) -> Deployed:
     swap = night.services.deploy(adapter)
     registry.promote(night.track, version)
     return Deployed(deployed=True, version=version, swap=swap)
+
+
+def run_through(night: Night) -> Committed:
+    """The whole night in this process, stage after stage (what `flows.nightly.track_night` runs as
+    Prefect tasks); for tests and for running a night without an orchestrator."""
+    try:
+        harvested = night.stage("harvest", harvest)
+        judged = night.stage("judge", judge, harvested)
+        selected = night.stage("select", select, judged)
+        trained = night.stage("train", train, selected)
+        decision = night.stage("gate", gate, trained, selected)
+        registered = night.stage("register", register, harvested, judged, trained, decision)
+        deployed = night.stage("deploy", deploy, registered)
+        return night.stage(
+            "commit", commit, harvested, judged, selected, trained, decision, registered, deployed
+        )
+    except BaseException as error:
+        night.fail(error)
+        raise
 
 
 @dataclass(frozen=True)

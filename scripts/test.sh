@@ -10,4 +10,4 @@ cd "$root"
 .venv/bin/ruff format --check .
 .venv/bin/pyright
 bash scripts/check_compose.sh   # docker-compose config -q (installs Debian's docker-compose when missing)
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest tests "$@"  # unit, store and integration (plain `pytest`: unit and store)

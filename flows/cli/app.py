@@ -109,6 +109,8 @@ def _global(
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    # MLflow installs its own INFO handler ("Creating initial MLflow database tables..."): quiet unless -v.
+    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)
     # Prefect reads these when first imported (by `run`, `schedule`, `demo`): quiet unless -v, no telemetry.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -24,6 +24,7 @@ from pipeline.judge.rubrics import Rubric, load_rubric
 from pipeline.results import Judged
 
 Progress = Callable[[int], None]
+_OVER_CAP = JudgeResult(None, status="skipped", error="over judge.stage_items")
 
 
 @dataclass
@@ -82,8 +83,13 @@ def judge_records(
     out: Path,
     batch_size: int = 64,
     progress: Progress | None = None,
+    max_judged: int | None = None,
 ) -> JudgeStageResult:
-    """Score every record and write `{..record, judge, feedback_score, graders, reward}` lines to `out`."""
+    """Score every record and write `{..record, judge, feedback_score, graders, reward}` lines to `out`.
+
+    At most `max_judged` records go to the judge (the rest are `skipped`, keeping their other reward
+    parts), so the judge stage leaves the night's judge budget to the training rewards and the gate.
+    """
     graders = [weighted_grader(spec) for spec in reward.graders]
     weights = {"judge": reward.judge, "feedback": reward.feedback, **{g.name: w for w, g in graders}}
     result = JudgeStageResult(path=out, stats=judge.stats if judge is not None else JudgeStats())
@@ -91,12 +97,14 @@ def judge_records(
     rewards: list[float] = []
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("wb") as handle:
+        sent = 0
         for batch in _batches(records, batch_size):
-            verdicts = (
-                _judge_batch(judge, rubric, batch)
-                if judge is not None and reward.judge > 0
-                else [None] * len(batch)
-            )
+            verdicts: list[JudgeResult | None] = [None] * len(batch)
+            if judge is not None and reward.judge > 0:
+                room = len(batch) if max_judged is None else max(0, min(len(batch), max_judged - sent))
+                judged = _judge_batch(judge, rubric, batch[:room]) if room else []
+                verdicts = [*judged, *[_OVER_CAP] * (len(batch) - room)]
+                sent += room
             for record, verdict in zip(batch, verdicts, strict=True):
                 line = _scored_line(record, verdict, graders, weights, result)
                 pairs.append((verdict.score if verdict else None, record.get("feedback")))
@@ -118,6 +126,7 @@ def judge_snapshot(
     judge: Judge | None,
     out: Path,
     progress: Progress | None = None,
+    stage_items: int | None = None,
 ) -> Judged:
     """The judge stage for one track: its rubric and reward over `records`, scored lines to `out`.
 
@@ -128,7 +137,13 @@ def judge_snapshot(
     if spec.reward.judge > 0 and judge is None:
         raise ValueError(f"track {spec.name!r} weighs the judge but no judge was given")
     result = judge_records(
-        records, rubric=rubric, judge=judge, reward=spec.reward, out=out, progress=progress
+        records,
+        rubric=rubric,
+        judge=judge,
+        reward=spec.reward,
+        out=out,
+        progress=progress,
+        max_judged=stage_items,
     )
     return Judged.model_validate(
         {"rubric": rubric.key, "judge_model": judge.model if judge else None, **result.as_json()}

@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, OvernightConfig, load_config, starter_config_text
+from pipeline.config import (
+    ConfigError,
+    OvernightConfig,
+    load_config,
+    resolve_relative_paths,
+    starter_config_text,
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -19,8 +25,10 @@ def test_every_key_has_a_default() -> None:
     assert config.tracks == [] and config.train.max_steps > 0
 
 
-def test_empty_file_is_the_defaults(tmp_path: Path) -> None:
-    assert load_config(write(tmp_path, ""), environ={}) == OvernightConfig()
+def test_empty_file_is_the_defaults_relative_to_the_file(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, ""), environ={})
+    assert config == resolve_relative_paths(OvernightConfig(), tmp_path.resolve())
+    assert config.home == str(tmp_path.resolve() / ".overnight")
 
 
 def test_starter_config_is_valid_with_two_tracks(tmp_path: Path) -> None:
@@ -109,3 +117,53 @@ def test_unknown_track_lists_known_ones() -> None:
     config = OvernightConfig.model_validate({"tracks": [{"name": "a"}, {"name": "b"}]})
     with pytest.raises(ConfigError, match=r"unknown track 'c' \(tracks: a, b\)"):
         config.track("c")
+
+
+def test_relative_paths_in_a_config_file_resolve_against_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = tmp_path / "project"
+    (project / "models" / "local-model").mkdir(parents=True)
+    (project / "overnight.yaml").write_text(
+        "home: state\n"
+        "database: {url: 'sqlite:///state/overnight.db'}\n"
+        "mlflow: {tracking_uri: 'sqlite:///state/mlflow.db', artifact_location: artifacts}\n"
+        "serving: {base_model: models/local-model}\n"
+        "tracks:\n"
+        "  - {name: a, suites: [arithmetic, suites/mine.jsonl], rubric: rubrics/mine.md, base_model: Qwen/Qwen2.5-0.5B}\n",
+        encoding="utf-8",
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    config = load_config(
+        project / "overnight.yaml", environ={"OVERNIGHT_MLFLOW__ARTIFACT_LOCATION": "from-env"}
+    )
+
+    assert config.home == str(project / "state")
+    assert config.database.url == f"sqlite:///{project / 'state' / 'overnight.db'}"
+    assert config.mlflow.tracking_uri == f"sqlite:///{project / 'state' / 'mlflow.db'}"
+    assert (
+        config.mlflow.artifact_location == "from-env"
+    )  # set in the environment: left to the working directory
+    assert config.serving.base_model == str(project / "models" / "local-model")
+    track = config.track("a")
+    assert track.suites == ["arithmetic", str(project / "suites" / "mine.jsonl")]  # shipped names stay names
+    assert track.rubric == str(project / "rubrics" / "mine.md")
+    assert track.base_model == "Qwen/Qwen2.5-0.5B"  # a hub id, not a local directory
+
+
+def test_absolute_paths_and_server_urls_are_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "overnight.yaml").write_text(
+        "home: /var/lib/overnight\n"
+        "database: {url: 'postgresql+psycopg://db/overnight'}\n"
+        "mlflow: {tracking_uri: 'http://mlflow:5000'}\n",
+        encoding="utf-8",
+    )
+
+    config = load_config(tmp_path / "overnight.yaml", environ={})
+
+    assert config.home == "/var/lib/overnight"
+    assert config.database.url == "postgresql+psycopg://db/overnight"
+    assert config.mlflow.tracking_uri == "http://mlflow:5000"

@@ -1,0 +1,295 @@
+"""A night driven with fakes on SQLite (no Prefect, no vLLM, no MLflow): every status, resume after a
+failure in each stage, idempotent registration, one judge per track-night, one runner per night.
+
+Training and the gate's KL probe run for real, in-process, on the tiny model; the registry, judge,
+deployer, reply generator and night log are the fakes in `tests/fakes/`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+import storage
+from pipeline import night as stages
+from pipeline.config import OvernightConfig
+from pipeline.night import Night, run_through
+from pipeline.results import Committed, GateDecision, Harvested, Judged, Trained
+from pipeline.services import NightServices
+from storage import runs as ledger
+from storage.models import Snapshot
+from tests.conftest import make_record
+from tests.fakes.judge import FakeJudge
+from tests.fakes.night import CountingFactory, FakeDeployer, FakeGenerator, NightLogs
+from tests.fakes.registry import FakeRegistry
+
+NIGHT = "2026-11-22"
+TRACK = "support"
+
+
+def night_config(tmp_path: Path, model: Path, database_url: str, **gate: Any) -> OvernightConfig:
+    return OvernightConfig.model_validate(
+        {
+            "home": str(tmp_path / "home"),
+            "database": {"url": database_url},
+            "serving": {"base_model": str(model), "endpoints": []},
+            "schedule": {"lease_seconds": 30},
+            "train": {
+                "max_steps": 2,
+                "prompts_per_step": 2,
+                "num_generations": 2,
+                "max_completion_tokens": 4,
+                "max_prompts": 16,
+                "heldout_fraction": 0.5,
+                "learning_rate": 1e-3,
+                "kl_budget": 100.0,
+                "beta": 0.0,
+            },
+            "gate": {"max_new_tokens": 4, "max_kl_to_base": 1e6, "bootstrap_samples": 200, **gate},
+            "tracks": [{"name": TRACK, "rubric": "helpfulness", "suites": [], "reward": {"judge": 1.0}}],
+        }
+    )
+
+
+def digit_score(response: str) -> float:
+    return 1.0 if any(ch.isdigit() for ch in response) else 0.0
+
+
+class World:
+    """A store with a day's traffic, the fakes, and helpers to open and run the night."""
+
+    def __init__(self, tmp_path: Path, model: Path, engine: Engine, url: str, rows: int = 40, **gate: Any):
+        self.engine = engine
+        self.config = night_config(tmp_path, model, url, **gate)
+        self.registry = FakeRegistry(tmp_path / "registry")
+        self.deployer = FakeDeployer()
+        self.generator = FakeGenerator()
+        self.judges = CountingFactory(lambda: FakeJudge(digit_score))
+        self.logs = NightLogs()
+        if rows:
+            storage.log_interactions(engine, [make_record(n) for n in range(rows)])
+
+    def services(self, *, deploy: bool = True) -> NightServices:
+        return NightServices(
+            registry=self.registry,
+            deploy=self.deployer if deploy else None,
+            generator=self.generator,
+            judge_factory=self.judges,
+            night_log=self.logs,
+        )
+
+    def open(self, services: NightServices | None = None, **kwargs: Any) -> Night:
+        return Night(self.config, self.engine, TRACK, NIGHT, services or self.services(), **kwargs)
+
+    def snapshots(self) -> int:
+        with Session(self.engine) as session:
+            return session.scalar(select(func.count()).select_from(Snapshot)) or 0
+
+
+@pytest.fixture
+def sqlite_engine(tmp_path: Path) -> tuple[Engine, str]:
+    url = f"sqlite:///{tmp_path / 'night.db'}"
+    engine = storage.make_engine(url)
+    storage.upgrade(engine)
+    return engine, url
+
+
+@pytest.fixture
+def world(tmp_path: Path, tiny_model_dir: Path, sqlite_engine: tuple[Engine, str]) -> World:
+    engine, url = sqlite_engine
+    return World(tmp_path, tiny_model_dir, engine, url, min_gain=-1.0)
+
+
+def test_a_passing_candidate_is_promoted_and_every_result_is_logged_once(world: World) -> None:
+    committed = run_through(world.open())
+
+    assert committed.status == "promoted"
+    assert world.registry.version_for(TRACK, "champion") == 1
+    assert world.deployer.swapped == [(TRACK, 1)]
+    run = ledger.last_runs(world.engine)[TRACK]
+    assert run.status == "promoted" and run.summary["version"] == 1 and run.runner is None  # lease given up
+    kinds = [type(result).__name__ for log in world.logs.made for result in log.results]
+    assert kinds == ["Harvested", "Judged", "Selected", "Trained", "GateDecision", "Registered", "Deployed",
+                     "Committed"]  # fmt: skip
+    decision = world.logs.logged(GateDecision)[0]
+    assert isinstance(decision, GateDecision) and decision.passed
+    assert {gate.name for gate in decision.gates} == {"heldout_gain", "kl_to_base"}
+
+
+def test_without_a_serving_endpoint_the_version_is_registered_not_deployed(world: World) -> None:
+    committed = run_through(world.open(world.services(deploy=False)))
+
+    assert committed.status == "registered"
+    assert world.registry.version_for(TRACK, "challenger") == 1
+    assert world.registry.version_for(TRACK, "champion") is None
+
+
+def test_a_candidate_the_gate_refuses_is_rejected_and_not_registered(
+    tmp_path: Path, tiny_model_dir: Path, sqlite_engine: tuple[Engine, str]
+) -> None:
+    engine, url = sqlite_engine
+    world = World(tmp_path, tiny_model_dir, engine, url, min_gain=2.0)  # a gain no reward can reach
+
+    committed = run_through(world.open())
+
+    assert committed.status == "rejected"
+    assert world.registry.versions(TRACK) == [] and world.deployer.swapped == []
+
+
+def test_a_night_without_traffic_is_skipped(
+    tmp_path: Path, tiny_model_dir: Path, sqlite_engine: tuple[Engine, str]
+) -> None:
+    engine, url = sqlite_engine
+    world = World(tmp_path, tiny_model_dir, engine, url, rows=0)
+
+    committed = run_through(world.open())
+
+    assert committed.status == "skipped"
+    trained = world.logs.logged(Trained)[0]
+    assert isinstance(trained, Trained) and trained.stop_reason == "no_prompts"
+
+
+def test_a_failing_stage_fails_the_night_with_its_reason(world: World) -> None:
+    world.deployer.fail = True
+
+    with pytest.raises(ConnectionError):
+        run_through(world.open())
+
+    run = ledger.last_runs(world.engine)[TRACK]
+    assert run.status == "failed" and "connection refused" in run.summary["error"]
+    assert run.runner is None  # a failed night gives its lease up for the retry
+
+
+@pytest.mark.parametrize("broken", ["judge", "select", "train", "gate", "register", "deploy", "commit"])
+def test_a_night_resumes_after_the_stage_that_failed(
+    world: World, broken: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = getattr(stages, broken)
+    calls = {name: 0 for name in stages.STAGES}
+    for name in stages.STAGES:
+        monkeypatch.setattr(stages, name, _counted(getattr(stages, name), name, calls))
+
+    def fail_once(*args: Any) -> Any:
+        raise RuntimeError(f"{broken} fell over")
+
+    monkeypatch.setattr(stages, broken, fail_once)
+    with pytest.raises(RuntimeError, match="fell over"):
+        run_through(world.open())
+    monkeypatch.setattr(stages, broken, _counted(real, broken, calls))
+    committed = run_through(world.open())
+
+    assert committed.status == "promoted"
+    before = stages.STAGES[: stages.STAGES.index(broken)]
+    assert all(calls[name] == 1 for name in before), calls  # finished stages were not run again
+    assert world.snapshots() == 1
+    assert [info.version for info in world.registry.versions(TRACK)] == [1]
+    assert world.deployer.swapped == [(TRACK, 1)]
+    resumed = world.logs.logged(Harvested)
+    assert len(resumed) == 1  # the second attempt read the harvest back from the ledger, typed
+
+
+def test_registration_is_idempotent_when_the_ledger_missed_it(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_deploy = stages.deploy
+
+    def die_after_registering(*args: Any) -> Any:
+        raise RuntimeError("process died")
+
+    monkeypatch.setattr(stages, "deploy", die_after_registering)
+    with pytest.raises(RuntimeError):
+        run_through(world.open())
+    run_id = ledger.last_runs(world.engine)[TRACK].id
+    with Session(world.engine) as session, session.begin():  # as if the ledger never heard of register
+        from storage.models import RunStage
+
+        session.query(RunStage).filter_by(run_id=run_id, stage="register").delete()
+    monkeypatch.setattr(stages, "deploy", real_deploy)
+
+    committed = run_through(world.open())
+
+    assert committed.status == "promoted"
+    assert [info.version for info in world.registry.versions(TRACK)] == [1]
+
+
+def test_one_judge_serves_every_stage_and_retry_of_a_track_night(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services = world.services()
+    real_gate = stages.gate
+    attempts = {"gate": 0}
+
+    def flaky_gate(*args: Any) -> Any:
+        attempts["gate"] += 1
+        if attempts["gate"] == 1:
+            raise RuntimeError("judge endpoint hiccup")
+        return real_gate(*args)
+
+    monkeypatch.setattr(stages, "gate", flaky_gate)
+    with pytest.raises(RuntimeError):
+        run_through(world.open(services))
+    run_through(world.open(services))  # the retry of the same night, same services
+
+    assert world.judges.calls == 1
+    judge = world.judges.made[0]
+    judged = world.logs.logged(Judged)[0]
+    assert isinstance(judged, Judged)
+    # The judge stage's calls, then the training rewards' and the gate's, all on the one instance.
+    assert judge.stats.calls > judged.judge["judge_calls"] > 0
+
+
+def test_one_runner_per_night_and_a_dead_runner_loses_the_night(world: World) -> None:
+    first = world.open(runner="host-a:1")
+    second = world.open(runner="host-b:2")
+
+    assert first.busy is None
+    assert second.busy is not None and second.busy.runner == "host-a:1" and second.busy.since is not None
+
+    first._stop_renewing.set()  # host-a is killed: it stops renewing and never releases
+    ledger.take_lease(world.engine, first.run_id, "host-a:1", ttl=_seconds(0.2))
+    time.sleep(0.3)
+    third = world.open(runner="host-c:3")
+
+    assert third.busy is None and third.run_id == first.run_id  # the same run, resumed by another runner
+    assert run_through(third).status == "promoted"
+
+
+def test_two_runners_started_at_once_run_the_night_once(world: World) -> None:
+    outcomes: dict[str, Any] = {}
+
+    def runner(name: str) -> None:
+        night = world.open(runner=name)
+        outcomes[name] = night.busy or run_through(night)
+
+    threads = [threading.Thread(target=runner, args=(name,)) for name in ("cron:1", "manual:2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    ran = [name for name, outcome in outcomes.items() if isinstance(outcome, Committed)]
+    refused = [outcome for outcome in outcomes.values() if isinstance(outcome, ledger.Lease)]
+    assert len(ran) == 1 and len(refused) == 1
+    assert refused[0].runner == ran[0]
+    assert world.snapshots() == 1 and len(world.logs.logged(Harvested)) == 1
+    assert world.open(runner="later:3").finished is not None  # afterwards: reported, not run again
+
+
+def _counted(body: Any, name: str, calls: dict[str, int]) -> Any:
+    def counted(*args: Any) -> Any:
+        calls[name] += 1
+        return body(*args)
+
+    return counted
+
+
+def _seconds(value: float) -> Any:
+    from datetime import timedelta
+
+    return timedelta(seconds=value)
