@@ -39,6 +39,7 @@ __all__ = [
     "GateThresholds",
     "SuiteScores",
     "decide",
+    "deltas_figure",
     "heldout_gate",
     "kl_gate",
     "noise_margin",
@@ -391,7 +392,15 @@ def _plot_limits(gates: Sequence[GateResult]) -> tuple[float, float]:
 
 
 def plot_deltas(report: GateReport, path: str | Path) -> Path:
-    """A PNG of each suite's and the held-out delta with its interval and threshold; returns the path.
+    """`deltas_figure` saved as a PNG at `path`; returns the path."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    deltas_figure(report).savefig(target, format="png", dpi=120)
+    return target
+
+
+def deltas_figure(report: GateReport) -> Any:
+    """Each suite's and the held-out delta with its interval and threshold (a matplotlib Figure).
 
     Green passed, red failed; the dashed tick on each row is its threshold; an interval unbounded
     at this n runs to the edge of the plot. The KL gate is in the title.
@@ -421,10 +430,7 @@ def plot_deltas(report: GateReport, path: str | Path) -> Path:
     axes.set_xlabel(f"candidate - champion ({report.confidence:.0%} CI); dashed: threshold")
     axes.set_title(_plot_title(report), fontsize=10)
     figure.tight_layout()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, format="png", dpi=120)
-    return target
+    return figure
 
 
 def _plot_title(report: GateReport) -> str:

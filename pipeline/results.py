@@ -30,6 +30,7 @@ __all__ = [
     "Registered",
     "Selected",
     "StageResult",
+    "Swap",
     "TrainPrompt",
     "Trained",
 ]
@@ -191,6 +192,18 @@ class Registered(StageResult):
     reused: bool = False  # registered before a crash, found by the run's tag
 
 
+class Swap(StageResult):
+    """A hot-swap onto every endpoint (`pipeline.deploy.hotswap.deploy`): what serves where, how fast."""
+
+    track: str
+    version: int
+    action: str  # deploy | rollback
+    endpoints: list[str]  # every endpoint now serving `version` under the stable name
+    seconds: float  # start of the deploy to the last endpoint verified and recorded
+    fingerprint: str  # sha256 of the pinned name's greedy probe replies (first endpoint)
+    previous: dict[str, int | None]  # per endpoint, the version the stable name served before
+
+
 class Deployed(StageResult):
     """Whether the version serves; the swap record when it was hot-swapped."""
 
@@ -198,7 +211,7 @@ class Deployed(StageResult):
     version: int | None = None
     already: bool = False  # it was already the champion (a resumed night)
     reason: str | None = None  # why not deployed
-    swap: dict[str, Any] | None = None  # the hot-swap record (endpoints, timings)
+    swap: Swap | None = None
 
 
 class Committed(StageResult):

@@ -13,9 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import Engine
 
@@ -28,6 +27,7 @@ from pipeline.judge.client import Judge, LlmJudge
 from pipeline.judge.stage import judge_settings
 from pipeline.register.night_log import MlflowNightLog, NightLog, NightLogContext
 from pipeline.register.registry import MlflowRegistry, Registry
+from pipeline.results import Swap
 
 __all__ = [
     "Deployer",
@@ -43,7 +43,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Deployer = Callable[[AdapterVersion], dict[str, Any]]  # hot-swap onto every endpoint; raises on failure
+Deployer = Callable[[AdapterVersion], Swap]  # hot-swap onto every endpoint; raises on failure
 NightLogFactory = Callable[[NightLogContext], NightLog]
 
 
@@ -97,8 +97,8 @@ def reachable_endpoints(config: OvernightConfig) -> list[str]:
     return reachable
 
 
-def swap(config: OvernightConfig, engine: Engine, adapter: AdapterVersion, action: str) -> dict[str, Any]:
-    """Hot-swap `adapter` onto every configured endpoint (all or none); the swap's record as JSON."""
+def swap(config: OvernightConfig, engine: Engine, adapter: AdapterVersion, action: str) -> Swap:
+    """Hot-swap `adapter` onto every configured endpoint (all or none); the swap's record."""
     result = hotswap.deploy(
         adapter,
         config.serving.endpoints,
@@ -107,7 +107,7 @@ def swap(config: OvernightConfig, engine: Engine, adapter: AdapterVersion, actio
         keep_versions=config.serving.keep_versions,
         action=action,
     )
-    return asdict(result)
+    return result
 
 
 def night_services(config: OvernightConfig, engine: Engine) -> NightServices:
@@ -123,7 +123,7 @@ def night_services(config: OvernightConfig, engine: Engine) -> NightServices:
             len(endpoints),
         )
 
-    def deploy(adapter: AdapterVersion) -> dict[str, Any]:
+    def deploy(adapter: AdapterVersion) -> Swap:
         return swap(config, engine, adapter, "deploy")
 
     generator = (

@@ -5,7 +5,15 @@ upgrade, ingest, harvest, judge); `night` the nightly loop (run, gate, demo, sch
 serves (status, deploy, rollback, serve). Importing this package registers every command.
 """
 
+import signal
+
 from flows.cli import data, night, release
-from flows.cli.app import app, main
+from flows.cli.app import app, exit_on_sigterm
 
 __all__ = ["app", "data", "main", "night", "release"]
+
+
+def main() -> None:
+    """The `overnight` console script: every command registered, SIGTERM unwinding like Ctrl-C."""
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    app()

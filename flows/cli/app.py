@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -158,13 +157,6 @@ def fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) and not value.is_integer() else str(int(value))
 
 
-def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+def exit_on_sigterm(signum: int, _frame: Any) -> None:
     """SIGTERM unwinds like Ctrl-C, so `with` blocks stop what they started (e.g. a vLLM server)."""
     raise SystemExit(128 + signum)
-
-
-def main() -> None:
-    import flows.cli  # noqa: F401  (registers every command on `app`)
-
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    app()

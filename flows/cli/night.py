@@ -26,13 +26,20 @@ def run(
         str | None, typer.Option("--night", help="Night label YYYY-MM-DD (default: today).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Run again a night that already finished.")] = False,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait", help="If another runner holds a track's night, wait for it instead of reporting it."
+        ),
+    ] = False,
     json_output: JsonFlag = False,
 ) -> None:
     """Run the nightly flow now: harvest → judge → select → train → gate → register → deploy → commit.
 
     A night that died part-way is resumed after its last finished stage (state is kept in SQL);
-    a night that finished is reported, not repeated, unless --force. Prefect starts a temporary
-    local API when no PREFECT_API_URL is set.
+    a night that finished is reported, not repeated, unless --force; a night another runner holds
+    (a schedule, say) is reported as [i]running[/i] with who and since when, or waited for with
+    --wait. Prefect starts a temporary local API when no PREFECT_API_URL is set.
     """
     from flows.nightly import nightly
 
@@ -45,6 +52,7 @@ def run(
             tracks=track,
             night=night,
             force=force,
+            wait_if_running=wait,
         )
     if wants_json(ctx, json_output):
         print_json(summary)

@@ -21,7 +21,6 @@ build into the same directory is a cheap no-op.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import logging
@@ -38,6 +37,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
+
+from pipeline.adapters import file_digests
 
 logger = logging.getLogger(__name__)
 
@@ -296,14 +297,9 @@ def _init_model(spec: TinyModelSpec, seed: int, tokenizer: PreTrainedTokenizerFa
 # --------------------------------------------------------------------------- stamp / files
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _file_digests(directory: Path) -> dict[str, str]:
     """sha256 of every file under `directory` except the stamp, keyed by relative POSIX path."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != STAMP_FILE)
-    return {p.relative_to(directory).as_posix(): _sha256(p) for p in files}
+    return {name: digest for name, digest in file_digests(directory).items() if name != STAMP_FILE}
 
 
 def _stamp_identity(spec: TinyModelSpec, seed: int) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.adapters import AdapterInvalid, AdapterVersion, verify_adapter
 from pipeline.deploy.vllm_client import Chat, ServedAdapter, ServerRequestFailed, VllmClient
+from pipeline.results import Swap
 from storage.errors import UserError
 from storage.models import Deployment
 
@@ -50,7 +51,6 @@ __all__ = [
     "PROBE_PROMPTS",
     "EndpointClient",
     "SwapFailed",
-    "SwapResult",
     "deploy",
     "fingerprint",
     "pinned_version",
@@ -108,17 +108,6 @@ class SwapFailed(UserError):
         self.endpoint = endpoint
         self.step = step
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class SwapResult:
-    track: str
-    version: int
-    action: str  # deploy | rollback
-    endpoints: list[str]  # every endpoint now serving `version` under the stable name
-    seconds: float  # start of the deploy to the last endpoint verified and recorded
-    fingerprint: str  # sha256 of the pinned name's greedy probe replies (first endpoint)
-    previous: dict[str, int | None]  # per endpoint, the version the stable name served before
 
 
 # --------------------------------------------------------------------------- pure logic
@@ -363,7 +352,7 @@ def deploy(
     action: str = "deploy",
     probe_prompts: Sequence[Chat] = PROBE_PROMPTS,
     client_factory: Callable[[str], EndpointClient] | None = None,
-) -> SwapResult:
+) -> Swap:
     """Serve `adapter` under its track's stable name on every endpoint, or on none (see the module doc).
 
     Raises `SwapFailed` naming the endpoint and step; every endpoint then serves what it served before.
@@ -383,7 +372,7 @@ def deploy(
             swap.client.close()
     seconds = time.perf_counter() - start
     logger.info("%s %s on %d endpoint(s) in %.3fs", action, adapter.pinned_name, len(swaps), seconds)
-    return SwapResult(
+    return Swap(
         track=adapter.track,
         version=adapter.version,
         action=action,

@@ -56,7 +56,7 @@ def deploy_version(
     swapped: dict[str, Any] | None = None
     if not registry_only:
         _require_servers(config)
-        swapped = swap(config, engine, adapter, action)
+        swapped = swap(config, engine, adapter, action).as_json()
     if action == "rollback":
         registry.rollback_aliases(track, version)
     else:

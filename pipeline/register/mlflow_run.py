@@ -12,8 +12,8 @@ JSON artifacts, `log_text` the text ones, `log_artifact(s)` the files already on
 page charts the step metrics (no training plot of our own). By hand, because MLflow does not: the
 flattening of a nested config into dotted params with secrets dropped, the length limits applied
 before logging (so the returned params are what was stored, and a long key is cut, not refused), and
-one-line `TrackingError`s naming the store. The gate's delta plot is drawn by `evals.gate.plot_deltas`,
-which writes a PNG file, so it is logged as a file.
+one-line `TrackingError`s naming the store. The gate's delta plot (`evals.gate.deltas_figure`) goes in
+through `log_figure`.
 
 MLflow is reached only through an explicit `MlflowClient` (tracking and registry URIs passed in, no
 global active run, no `mlflow.set_tracking_uri`), so two tracks or two stores never leak into each
@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -348,15 +347,14 @@ class NightRun:
 
     def log_gate(self, report: GateReport) -> None:
         """Every gate's metric/delta/CI/pass as metrics, `gate.md`, `gate.json` and `plots/gate_deltas.png`."""
-        from evals.gate import plot_deltas, report_markdown
+        from evals.gate import deltas_figure, report_markdown
 
         self._log_metric_rows([(0, report.as_metrics())])
         self.set_tags({"gate": "passed" if report.passed else "failed"})
         self.log_text("gate.md", report_markdown(report))
         self.log_json("gate.json", report.as_json())
-        with tempfile.TemporaryDirectory() as scratch:  # `plot_deltas` draws to a file, not a figure
-            plot = plot_deltas(report, Path(scratch) / Path(GATE_PLOT).name)
-            self._log_file(plot, str(Path(GATE_PLOT).parent))
+        with self._errors(f"log {GATE_PLOT}"):
+            self._mlflow().log_figure(self.run_id, deltas_figure(report), GATE_PLOT)
 
     def log_text(self, name: str, text: str) -> None:
         """A text artifact, e.g. `rubric.md`."""

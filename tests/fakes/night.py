@@ -14,7 +14,7 @@ from typing import Any
 from pipeline.adapters import AdapterVersion
 from pipeline.gate.generation import Chat, Decoding
 from pipeline.register.night_log import NightLogContext
-from pipeline.results import StageResult
+from pipeline.results import StageResult, Swap
 
 
 @dataclass
@@ -24,11 +24,19 @@ class FakeDeployer:
     swapped: list[tuple[str, int]] = field(default_factory=list)
     fail: bool = False
 
-    def __call__(self, adapter: AdapterVersion) -> dict[str, Any]:
+    def __call__(self, adapter: AdapterVersion) -> Swap:
         if self.fail:
             raise ConnectionError("fake endpoint: connection refused")
         self.swapped.append((adapter.track, adapter.version))
-        return {"endpoints": ["fake://serving"], "seconds": 0.0}
+        return Swap(
+            track=adapter.track,
+            version=adapter.version,
+            action="deploy",
+            endpoints=["fake://serving"],
+            seconds=0.0,
+            fingerprint="fake",
+            previous={"fake://serving": None},
+        )
 
 
 @dataclass
