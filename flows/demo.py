@@ -68,7 +68,7 @@ def demo_settings(port: int) -> dict[str, Any]:
         "database": {"url": "sqlite:///overnight.db"},
         "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "artifact_location": "mlartifacts"},
         "serving": {
-            "base_model": "tiny-model",
+            "base_model": "./tiny-model",  # "./": a local directory even before it is built
             "endpoints": [f"http://127.0.0.1:{port}"],
             "port": port,
             "dtype": "float32",

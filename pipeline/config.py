@@ -330,8 +330,8 @@ def resolve_relative_paths(
     """Relative paths of a config file made absolute against the file's directory `base`.
 
     Covers `home`, SQLite URLs (`sqlite:///relative.db`), MLflow's URIs and artifact location, local
-    model directories, suite files and rubric files. HF model ids (`org/name`) and absolute paths are
-    left as they are; so are the dotted keys in `keep` (set from the environment: relative to the
+    model directories (those that exist, or written `./dir` when not built yet), suite files and rubric
+    files. HF model ids (`org/name`) and absolute paths are left as they are; so are the dotted keys in `keep` (set from the environment: relative to the
     working directory, where the variable was set).
     """
 

@@ -61,15 +61,15 @@ class MlflowNightLog:
 
     def log(self, result: StageResult) -> None:
         run = self._open()
-        if isinstance(result, Harvested):
-            run.log_window(result.as_json())
+        if isinstance(result, Harvested):  # a reused snapshot logs the same params again: they must match
+            run.log_window(result.model_dump(mode="json", exclude={"reused"}))
             run.log_params(self.context.config_params, prefix="config.")
             run.log_params(self.context.track_params, prefix="track.")
         elif isinstance(result, Judged):
             run.log_judge(result.judge, result.calibration)
             run.log_metrics({"judge/mean_reward": result.mean_reward, "judge/scored": result.scored})
             run.log_text("rubric.md", self.context.rubric_text())
-        elif isinstance(result, Trained):
+        elif isinstance(result, Trained) and not result.reused:  # a reused one was logged by its run
             if result.metrics_path is not None and result.metrics_path.exists():
                 run.log_training(result.metrics_path)
             if result.adapter_dir is not None:  # kept with the run whether or not it is promoted

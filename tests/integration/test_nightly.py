@@ -40,6 +40,8 @@ NIGHT = "2026-11-21"
 def write_config(root: Path, *, track: str, database_url: str, server: Any, model_dir: Path) -> Path:
     settings = {
         "home": str(root / "home"),
+        # A killed runner's lease runs out after this; the next `overnight run --wait` resumes the night.
+        "schedule": {"lease_seconds": 2},
         "database": {"url": database_url},
         "mlflow": {
             "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
@@ -177,7 +179,18 @@ def run_cli(config: Path, env: dict[str, str], logs: Path) -> tuple[int, str, st
     out, err = logs.with_suffix(".out"), logs.with_suffix(".err")
     with out.open("w") as stdout, err.open("w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "-c", str(config), "run", "--night", NIGHT, "--json"],
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "-c",
+                str(config),
+                "run",
+                "--night",
+                NIGHT,
+                "--wait",
+                "--json",
+            ],
             env=env,
             stdout=stdout,
             stderr=stderr,

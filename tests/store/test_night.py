@@ -19,12 +19,14 @@ from sqlalchemy.orm import Session
 import storage
 from pipeline import night as stages
 from pipeline.config import OvernightConfig
+from pipeline.judge.client import JudgeSettings, LlmJudge
 from pipeline.night import Night, run_through
 from pipeline.results import Committed, GateDecision, Harvested, Judged, Trained
 from pipeline.services import NightServices
 from storage import runs as ledger
 from storage.models import Snapshot
 from tests.conftest import make_record
+from tests.fakes.chat_server import ChatServer
 from tests.fakes.judge import FakeJudge
 from tests.fakes.night import CountingFactory, FakeDeployer, FakeGenerator, NightLogs
 from tests.fakes.registry import FakeRegistry
@@ -242,6 +244,25 @@ def test_one_judge_serves_every_stage_and_retry_of_a_track_night(
     assert isinstance(judged, Judged)
     # The judge stage's calls, then the training rewards' and the gate's, all on the one instance.
     assert judge.stats.calls > judged.judge["judge_calls"] > 0
+
+
+def test_the_judge_budget_holds_across_the_judge_train_and_gate_stages(world: World) -> None:
+    """A real `LlmJudge` over HTTP (the scripted chat server): the night's 40 rows take 40 of a budget
+    of 45, training's rewards the last 5, and every judgment after that (the rest of training, the
+    gate's held-out replies) is skipped, not made: the budget is the night's, not each stage's."""
+    with ChatServer(keep_alive=True) as server:
+        settings = JudgeSettings(
+            base_url=server.base_url, model="judge", timeout_seconds=5.0, budget_items=45
+        )
+        world.judges.make = lambda: LlmJudge(settings, engine=world.engine)
+        run_through(world.open())
+
+    judge = world.judges.made[0]
+    judged = world.logs.logged(Judged)[0]
+    assert world.judges.calls == 1
+    assert isinstance(judged, Judged) and judged.judge["judge_judged"] == 40
+    assert judge.stats.judged == 45 and judge.stats.skipped > 0
+    assert len(server.state.requests) <= 45
 
 
 def test_one_runner_per_night_and_a_dead_runner_loses_the_night(world: World) -> None:
