@@ -80,12 +80,9 @@ LOCAL_TASK: dict[str, Any] = {"cache_policy": NO_CACHE}
 
 
 def _run(night: Night, name: str, body: Callable[..., R], *inputs: StageResult) -> R:
-    """One stage through the night's ledger; a failure marks the track's night failed and re-raises."""
-    try:
-        return night.stage(name, body, *inputs)
-    except BaseException as error:
-        night.fail(error)
-        raise
+    """One stage through the night's ledger. A failure is recorded on the stage and re-raised; Prefect
+    may retry it (the lease is kept meanwhile); the night is marked failed only when its chain ends so."""
+    return night.stage(name, body, *inputs)
 
 
 @task(name="harvest", **LOCAL_TASK)
@@ -177,7 +174,7 @@ def run_nights(
     """
     engine = storage.connect(config.database.url)
     label = night or night_of(datetime.now(UTC), config.schedule.timezone)
-    names = list(tracks) if tracks else [track.name for track in config.tracks]
+    names = list(dict.fromkeys(tracks)) if tracks else [track.name for track in config.tracks]
     for name in names:
         config.track(name)  # an unknown track is a one-line error before anything runs
     services = services or night_services(config, engine)
@@ -185,6 +182,9 @@ def run_nights(
     chains = {n.track: track_night(n) for n in nights if n.finished is None and n.busy is None}
     wait(list(chains.values()))
     results = [_result(n, chains.get(n.track)) for n in nights]
+    for opened in nights:
+        if opened.busy is None:
+            opened.release()
     engine.dispose()
     return {"night": label, "tracks": results}
 
@@ -204,7 +204,7 @@ def _open_night(
         logger.warning("%s %s is running in %s since %s: waiting", track, label, opened.busy.runner,
                        opened.busy.since)  # fmt: skip
         time.sleep(config.schedule.lease_seconds / 3)
-        opened = Night(config, engine, track, label, services)
+        opened = Night(config, engine, track, label, services, force=force)
     return opened
 
 
@@ -221,8 +221,8 @@ def _result(night: Night, future: PrefectFuture[Committed] | None) -> dict[str, 
         }
     if future is None:  # finished on an earlier run: report what it recorded
         return {**(night.finished or {}), "resumed": False, "already_done": True}
-    run = ledger.get_run(night.engine, night.run_id)
     if future.state.is_completed():
-        return dict(run.summary)
-    error = (run.summary or {}).get("error") or future.state.message or "failed"
+        return dict(ledger.get_run(night.engine, night.run_id).summary)
+    error = ledger.last_error(night.engine, night.run_id) or future.state.message or "failed"
+    night.fail(error)  # every retry is spent: the night failed, a later run resumes it
     return {"track": night.track, "night": night.night, "status": "failed", "error": error}

@@ -336,6 +336,7 @@ def resolve_relative_paths(
     """
 
     def path(value: str) -> str:
+        value = str(Path(value).expanduser()) if value.startswith("~") else value
         return value if Path(value).is_absolute() or "://" in value else str(base / value)
 
     def url(value: str) -> str:
@@ -351,9 +352,12 @@ def resolve_relative_paths(
         return f"{prefix}:///{base / rest}"
 
     def model(value: str | None) -> str | None:
-        if value is None or Path(value).is_absolute():
+        if value is None:
             return value
-        local = value.startswith((".", "~")) or (base / value).exists()
+        value = str(Path(value).expanduser()) if value.startswith("~") else value
+        if Path(value).is_absolute():
+            return value
+        local = value.startswith(".") or (base / value).exists()
         return str(base / value) if local else value
 
     def file_or_name(value: str) -> str:

@@ -28,12 +28,14 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
 from sqlalchemy import Engine
 
 from pipeline.adapters import AdapterVersion, file_digests, file_sha256
@@ -94,8 +96,12 @@ def night_of(now: datetime, timezone: str) -> str:
 
 
 def runner_name() -> str:
-    """This process, as other runners are told who holds a night: `host:pid`."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This runner, as others are told who holds a night: `host:pid:nonce` (unique within a process too)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class LeaseLost(RuntimeError):
+    """Another runner took this night over (this one stopped renewing in time); it must stop."""
 
 
 @dataclass
@@ -114,6 +120,7 @@ class Night:
     busy: ledger.Lease | None = None  # another runner holds this night
     _log: NightLog | None = field(default=None, init=False, repr=False)
     _stop_renewing: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _lost: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.run_id, done = ledger.open_run(self.engine, self.track, self.night, force=self.force)
@@ -131,10 +138,18 @@ class Night:
         return timedelta(seconds=self.config.schedule.lease_seconds)
 
     def _renew(self) -> None:
+        """Renew every third of the lease; a failed renewal (a busy store) is retried at the next tick,
+        and a lease found taken by another runner marks this night lost (its next stage refuses)."""
         interval = self.config.schedule.lease_seconds / 3
         while not self._stop_renewing.wait(interval):
-            if not ledger.renew_lease(self.engine, self.run_id, self.runner, self._ttl):
+            try:
+                held = ledger.renew_lease(self.engine, self.run_id, self.runner, self._ttl)
+            except Exception as error:  # the store is briefly unreachable or locked: try again soon
+                logger.warning("%s %s: could not renew the lease: %s", self.track, self.night, error)
+                continue
+            if not held:
                 logger.error("%s %s: lost the lease of run %d", self.track, self.night, self.run_id)
+                self._lost.set()
                 return
 
     def release(self) -> None:
@@ -166,11 +181,19 @@ class Night:
 
     def stage(self, name: str, body: Callable[..., R], *inputs: StageResult) -> R:
         """Run `body(self, *inputs)` as stage `name` unless this run already finished it; returns its result."""
+        if self._lost.is_set():
+            raise LeaseLost(f"{self.track} {self.night}: another runner took this night over; {name} not run")
         result_type = RESULT_TYPES[name]
         done = ledger.finished_stage(self.engine, self.run_id, name)
         if done is not None:
-            logger.info("%s %s: %s already done, not repeated", self.track, self.night, name)
-            return result_type.model_validate(done)  # type: ignore[return-value]
+            try:
+                recorded = result_type.model_validate(done)
+            except ValidationError:  # recorded by an older version in another shape: run it again
+                logger.warning("%s %s: %s's recorded result is unreadable; running it again", self.track,
+                               self.night, name)  # fmt: skip
+            else:
+                logger.info("%s %s: %s already done, not repeated", self.track, self.night, name)
+                return recorded  # type: ignore[return-value]
         ledger.start_stage(self.engine, self.run_id, name)
         try:
             result = body(self, *inputs)
@@ -184,10 +207,12 @@ class Night:
         ledger.finish_stage(self.engine, self.run_id, name, result.as_json())
         return result
 
-    def fail(self, error: BaseException) -> None:
-        ledger.finish_run(
-            self.engine, self.run_id, "failed", {"track": self.track, "error": str(error)[:500]}
-        )
+    def fail(self, error: BaseException | str) -> None:
+        """The night failed for good (no retry left): record why, end its MLflow run, give the lease up."""
+        reason = str(error)[:500]
+        ledger.finish_run(self.engine, self.run_id, "failed", {"track": self.track, "error": reason})
+        if self._log is not None:
+            self._log.fail(reason)
         self.release()
 
     def _log_context(self) -> NightLogContext:
@@ -414,6 +439,8 @@ def run_through(night: Night) -> Committed:
     except BaseException as error:
         night.fail(error)
         raise
+    finally:
+        night.release()
 
 
 @dataclass(frozen=True)
@@ -455,7 +482,6 @@ def commit(
     )
     status = night_status(outcome)
     ledger.finish_run(night.engine, night.run_id, status, summarize(night, outcome))
-    night.release()
     return Committed(
         status=status,
         watermark=getattr(state, "last_id", None),

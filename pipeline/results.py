@@ -12,13 +12,14 @@ does not import the trainer (and torch) for a three-field type.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from evals.gate import GateReport
+from evals.gate import GateReport, GateResult
 
 __all__ = [
     "Committed",
@@ -53,12 +54,17 @@ class TrainPrompt:
 
 
 class StageResult(BaseModel):
-    """A stage's result: frozen, JSON in the ledger, validated when read back."""
+    """A stage's result: frozen, JSON in the ledger, validated when read back.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    Infinite floats (an interval unbounded at small n) are written as the strings "Infinity" and
+    "-Infinity", which every JSON store keeps (PostgreSQL's JSONB refuses bare Infinity) and pydantic
+    reads back as floats.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="strings")
 
     def as_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return json.loads(self.model_dump_json())
 
 
 class Harvested(StageResult):
@@ -123,7 +129,7 @@ class Trained(StageResult):
 
 
 class GateVerdict(StageResult):
-    """One gate of the decision, as `evals.gate.GateResult.as_json` writes it (infinities as null)."""
+    """One gate of the decision: the fields of `evals.gate.GateResult`, infinite bounds kept."""
 
     name: str
     kind: str
@@ -156,33 +162,27 @@ class GateDecision(StageResult):
 
     @classmethod
     def of(cls, report: GateReport, **fields: Any) -> GateDecision:
-        data = report.as_json()
         return cls(
-            passed=data["passed"],
-            gates=[GateVerdict(**gate) for gate in data["gates"]],
-            confidence=data["confidence"],
-            skipped_suites=data["skipped"],
+            passed=report.passed,
+            gates=[GateVerdict(**asdict(gate)) for gate in report.gates],
+            confidence=report.confidence,
+            skipped_suites=list(report.skipped),
             **fields,
         )
 
     def report(self) -> GateReport:
-        gates = [gate.model_dump() for gate in self.gates]
-        return GateReport.from_json(
-            {
-                "passed": self.passed,
-                "gates": gates,
-                "confidence": self.confidence,
-                "skipped": self.skipped_suites,
-            }
-        )
+        gates = tuple(GateResult(**gate.model_dump()) for gate in self.gates)
+        return GateReport(self.passed, gates, self.confidence, tuple(self.skipped_suites))
 
     def summary(self) -> dict[str, Any]:
-        """`{passed, gates, backend}` as `overnight run --json` prints it."""
-        return {
-            "passed": self.passed,
-            "gates": [gate.as_json() for gate in self.gates],
-            "backend": self.backend,
-        }
+        """`{passed, gates, backend}` as `overnight run --json` prints it (unbounded ends as null)."""
+        return {"passed": self.passed, "gates": self.report().as_json()["gates"], "backend": self.backend}
+
+    def report_json(self) -> dict[str, Any]:
+        """What `overnight gate --json` prints: the report (`{passed, gates, confidence, skipped}`) and
+        where it came from."""
+        where = {"backend": self.backend, "generated": self.generated, "kl_to_base": self.kl_to_base}
+        return {**self.report().as_json(), **where, "report_dir": str(self.report_dir)}
 
 
 class Registered(StageResult):

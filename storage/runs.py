@@ -29,6 +29,7 @@ __all__ = [
     "finish_run",
     "finish_stage",
     "finished_stage",
+    "last_error",
     "last_runs",
     "open_run",
     "release_lease",
@@ -39,7 +40,12 @@ __all__ = [
     "take_lease",
 ]
 
-FINAL_STATUSES = ("promoted", "rejected", "skipped")  # a night in one of these is done; failed is retried
+FINAL_STATUSES = (
+    "promoted",
+    "registered",
+    "rejected",
+    "skipped",
+)  # a night in one of these is done; failed is retried
 
 
 def open_run(engine: Engine, track: str, night: str, *, force: bool = False) -> tuple[int, NightlyRun | None]:
@@ -196,3 +202,15 @@ def release_lease(engine: Engine, run_id: int, runner: str) -> None:
             .where(NightlyRun.id == run_id, NightlyRun.runner == runner)
             .values(runner=None, runner_since=None, lease_until=None)
         )
+
+
+def last_error(engine: Engine, run_id: int) -> str | None:
+    """The error the run's most recently failed stage recorded, if any."""
+    with Session(engine) as session:
+        row = session.scalars(
+            select(RunStage)
+            .where(RunStage.run_id == run_id, RunStage.status == "failed")
+            .order_by(RunStage.finished_at.desc())
+            .limit(1)
+        ).first()
+        return str(row.detail.get("error")) if row is not None and row.detail.get("error") else None

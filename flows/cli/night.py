@@ -122,7 +122,7 @@ def gate(
             generator=generator,
             report_dir=report_dir,
         )
-    payload = decision.as_json()
+    payload = decision.report_json()
     if wants_json(ctx, json_output):
         print_json(payload)
         return

@@ -32,7 +32,9 @@ def pseudonym_key(configured: str | None, home: str | Path) -> bytes:
             raise UserError(
                 f"privacy.pseudonym_key: too short ({len(configured)} characters; use {MIN_KEY_CHARS}+)"
             )
-        return configured.encode()
+        return hashlib.sha256(
+            configured.encode()
+        ).digest()  # any length in; BLAKE2b keys are 64 bytes at most
     path = Path(home) / KEY_FILE
     if path.exists():
         return _read_key(path)

@@ -7,11 +7,11 @@ module is the I/O half.
 What comes from the `openai` SDK (`AsyncOpenAI`): the HTTP calls, timeouts, retries with exponential
 backoff and jitter on transport errors, timeouts, 408/409/429 and 5xx, honouring `Retry-After`, and
 typed errors (`APIStatusError`, `APIConnectionError`, `APITimeoutError`, ...). None of that is written
-here, so `JudgeSettings.backoff_*` are no longer read (the SDK backs off from 0.5 s up to 8 s).
+here (the SDK backs off from 0.5 s up to 8 s).
 
 What is kept by hand, because the SDK does not do it:
   - a circuit breaker: after `breaker_threshold` consecutive failed attempts the endpoint is not
-    called again by this instance (this night). It sits in the SDK's HTTP client (`_GuardedClient`)
+    called for `breaker_cooldown_seconds`, then tried once again (half-open). It sits in the SDK's HTTP client (`_GuardedClient`)
     so that it sees every attempt, retries included, and raises an `OpenAIError` there, which the SDK
     re-raises without retrying: a dead endpoint stops the retry loop instead of being slept through;
     the same place counts calls and retries (the SDK numbers its attempts in a request header);
@@ -42,6 +42,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -106,8 +107,7 @@ class JudgeSettings:
     max_tokens: int = 512
     swap_orders: bool = False  # group mode: also score the reversed order and average
     breaker_threshold: int = 5  # consecutive failed requests that open the circuit
-    backoff_base_seconds: float = 0.5  # not read: the SDK's backoff applies (kept so callers still work)
-    backoff_max_seconds: float = 20.0  # not read, as above
+    breaker_cooldown_seconds: float = 20.0  # then one request is let through again
     seed: int = 0  # shuffles candidate order in group mode
 
 
@@ -167,14 +167,21 @@ class Judge(Protocol):
 
 @dataclass
 class _Breaker:
-    """Counts consecutive failed attempts; once `threshold` is reached the endpoint is not called again."""
+    """Counts consecutive failed attempts; once `threshold` is reached the endpoint is not called
+    until `cooldown_seconds` have passed, then one attempt is let through (half-open): a success
+    closes the circuit, a failure opens it for another cooldown. So a stage retried later in the
+    night (Prefect waits 5 s, then 30 s) tries the endpoint again instead of failing at once."""
 
     threshold: int
+    cooldown_seconds: float = 20.0
     failures: int = 0
+    opened_at: float | None = None
 
     @property
     def is_open(self) -> bool:
-        return self.failures >= self.threshold
+        if self.failures < self.threshold or self.opened_at is None:
+            return False
+        return time.monotonic() - self.opened_at < self.cooldown_seconds
 
     def check(self) -> None:
         if self.is_open:
@@ -182,6 +189,10 @@ class _Breaker:
 
     def record(self, failed: bool) -> None:
         self.failures = self.failures + 1 if failed else 0
+        if failed and self.failures >= self.threshold:
+            self.opened_at = time.monotonic()
+        elif not failed:
+            self.opened_at = None
 
 
 def _endpoint_failed(status: int) -> bool:
@@ -235,7 +246,7 @@ class ChatEndpoint:
         self.base_url = _api_root(settings.base_url)
         self.url = f"{self.base_url}/chat/completions"
         self.structured_output = True  # switched off once when the server refuses response_format
-        self._breaker = _Breaker(settings.breaker_threshold)
+        self._breaker = _Breaker(settings.breaker_threshold, settings.breaker_cooldown_seconds)
         self._headers = {} if settings.api_key else {"Authorization": openai.omit}
         self._connection: _Connection | None = None
 

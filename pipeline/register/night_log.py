@@ -11,6 +11,7 @@ run ledger, so a night resumed after a crash logs into the same MLflow run.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -19,8 +20,11 @@ from pydantic import BaseModel
 
 from pipeline.register.mlflow_run import NightRun
 from pipeline.results import Committed, GateDecision, Harvested, Judged, StageResult, Trained
+from storage.errors import UserError
 
 __all__ = ["MlflowNightLog", "NightLog", "NightLogContext"]
+
+logger = logging.getLogger(__name__)
 
 
 class NightLog(Protocol):
@@ -30,6 +34,8 @@ class NightLog(Protocol):
     def run_id(self) -> str | None: ...
 
     def log(self, result: StageResult) -> None: ...
+
+    def fail(self, reason: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -69,16 +75,32 @@ class MlflowNightLog:
             run.log_judge(result.judge, result.calibration)
             run.log_metrics({"judge/mean_reward": result.mean_reward, "judge/scored": result.scored})
             run.log_text("rubric.md", self.context.rubric_text())
-        elif isinstance(result, Trained) and not result.reused:  # a reused one was logged by its run
+        elif isinstance(result, Trained):  # logged again after a resume: metrics and files, both repeatable
             if result.metrics_path is not None and result.metrics_path.exists():
                 run.log_training(result.metrics_path)
             if result.adapter_dir is not None:  # kept with the run whether or not it is promoted
                 run.log_adapter(result.adapter_dir)
         elif isinstance(result, GateDecision) and not result.skipped:
             run.log_gate(result.report())
-        elif isinstance(result, Committed):
-            run.set_tags({"status": result.status})
-            run.finish()
+        elif isinstance(result, Committed):  # the night is over: a logging failure must not undo that
+            try:
+                run.set_tags({"status": result.status})
+                run.finish()
+            except UserError as error:
+                logger.warning(
+                    "the night ended %s, but its MLflow run was not closed: %s", result.status, error
+                )
+
+    def fail(self, reason: str) -> None:
+        """Mark the night's run FAILED (with the reason as a tag), when it was started."""
+        if self._run is None and self.context.resume_id is None:
+            return
+        try:
+            run = self._open()
+            run.set_tags({"status": "failed", "error": reason[:250]})
+            run.finish("FAILED")
+        except UserError as error:
+            logger.warning("could not mark the night's MLflow run failed: %s", error)
 
     def _open(self) -> NightRun:
         if self._run is not None:

@@ -17,7 +17,7 @@ from storage.errors import UserError
 
 
 class JobPrompt(BaseModel):
-    """One prompt of a job file: the fields of `pipeline.train.recipe.TrainPrompt`."""
+    """One prompt of a job file: the fields of `pipeline.results.TrainPrompt`."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -58,6 +58,7 @@ class RecordingNightLog:
 
     context: NightLogContext
     results: list[StageResult] = field(default_factory=list)
+    failed: str | None = None  # the reason, once the night failed
 
     @property
     def run_id(self) -> str | None:
@@ -65,6 +66,9 @@ class RecordingNightLog:
 
     def log(self, result: StageResult) -> None:
         self.results.append(result)
+
+    def fail(self, reason: str) -> None:
+        self.failed = reason
 
 
 @dataclass

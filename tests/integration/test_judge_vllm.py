@@ -50,9 +50,7 @@ def test_stopped_server_is_a_clear_failure(tiny_model_dir: Path) -> None:
     from pipeline.deploy.vllm_process import free_port
 
     port = free_port()  # nothing listens there: the same as a server that was stopped
-    settings = JudgeSettings(
-        base_url=f"http://127.0.0.1:{port}", model="tiny", max_retries=1, backoff_base_seconds=0.01
-    )
+    settings = JudgeSettings(base_url=f"http://127.0.0.1:{port}", model="tiny", max_retries=1)
     with pytest.raises(
         JudgeUnavailable, match=f"127.0.0.1:{port}/v1/chat/completions failed after 2 attempts"
     ):

@@ -20,7 +20,7 @@ import storage
 from pipeline import night as stages
 from pipeline.config import OvernightConfig
 from pipeline.judge.client import JudgeSettings, LlmJudge
-from pipeline.night import Night, run_through
+from pipeline.night import LeaseLost, Night, run_through
 from pipeline.results import Committed, GateDecision, Harvested, Judged, Trained
 from pipeline.services import NightServices
 from storage import runs as ledger
@@ -300,6 +300,23 @@ def test_two_runners_started_at_once_run_the_night_once(world: World) -> None:
     assert refused[0].runner == ran[0]
     assert world.snapshots() == 1 and len(world.logs.logged(Harvested)) == 1
     assert world.open(runner="later:3").finished is not None  # afterwards: reported, not run again
+
+
+def test_a_runner_whose_night_was_taken_over_runs_no_further_stage(world: World) -> None:
+    world.config = world.config.model_copy(
+        update={"schedule": world.config.schedule.model_copy(update={"lease_seconds": 0.3})}
+    )
+    night = world.open(runner="slow:1")
+    harvested = night.stage("harvest", stages.harvest)
+    with Session(world.engine) as session, session.begin():  # it stalled; another runner took the night
+        from storage.models import NightlyRun
+
+        session.get(NightlyRun, night.run_id).runner = "fast:2"  # type: ignore[union-attr]
+    time.sleep(0.5)  # the stalled runner's next renewal finds the lease gone
+
+    with pytest.raises(LeaseLost, match="another runner took this night over"):
+        night.stage("judge", stages.judge, harvested)
+    assert ledger.finished_stage(world.engine, night.run_id, "judge") is None
 
 
 def _counted(body: Any, name: str, calls: dict[str, int]) -> Any:

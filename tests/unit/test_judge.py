@@ -191,6 +191,19 @@ def test_open_circuit_stays_open_for_the_next_call(server: ChatServer) -> None:
     assert len(server.state.requests) == 2 and judge.stats.calls == 2
 
 
+def test_an_open_circuit_lets_one_request_through_after_its_cooldown(server: ChatServer) -> None:
+    """A stage retried later in the night (Prefect waits between tries) reaches a recovered judge."""
+    server.state.faults.extend(Fault(status=503) for _ in range(2))
+    judge = LlmJudge(settings(server, max_retries=5, breaker_threshold=2, breaker_cooldown_seconds=0.3))
+    with pytest.raises(JudgeUnavailable, match="circuit open"):
+        score(judge, ["a"])
+    time.sleep(0.4)  # the endpoint recovered meanwhile (no faults left)
+
+    (result,) = score(judge, ["GOOD answer"])
+
+    assert result.status == "ok" and result.score is not None and len(server.state.requests) == 3
+
+
 def test_overlapping_calls_on_one_loop_then_a_call_on_another(keep_alive_server: ChatServer) -> None:
     judge = LlmJudge(settings(keep_alive_server))
 

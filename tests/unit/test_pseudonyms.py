@@ -45,8 +45,9 @@ def test_the_generated_key_is_stored_once_with_owner_only_permissions(tmp_path: 
 
 
 def test_a_configured_key_wins_and_a_short_one_is_refused(tmp_path: Path) -> None:
-    assert pseudonym_key("a-long-enough-secret-key", tmp_path) == b"a-long-enough-secret-key"
-    assert not (tmp_path / KEY_FILE).exists()
+    configured = pseudonym_key("a-long-enough-secret-key", tmp_path)
+    assert configured == pseudonym_key("a-long-enough-secret-key", tmp_path) != pseudonym_key(None, tmp_path)
+    assert pseudonym("u-1", pseudonym_key("x" * 500, tmp_path))  # a key longer than BLAKE2b's 64 bytes works
     with pytest.raises(UserError, match="pseudonym_key: too short"):
         pseudonym_key("short", tmp_path)
 
