@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from storage.errors import UserError
@@ -54,11 +55,15 @@ def _read_key(path: Path) -> bytes:
 
 
 def _create_key(path: Path) -> bytes:
-    """A new random key, written atomically with owner-only permissions; a racing writer's key wins."""
+    """A new random key, written atomically with owner-only permissions; a racing writer's key wins.
+
+    Tracks harvest concurrently (threads of one process) and nights may run in several processes, so
+    the scratch file has a unique name (mkstemp, 0600) and the key appears by an atomic hard link.
+    """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = secrets.token_bytes(KEY_BYTES)
-    scratch = path.with_name(f".{path.name}.{os.getpid()}")
-    descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    scratch = Path(name)
     with os.fdopen(descriptor, "w", encoding="ascii") as handle:
         handle.write(key.hex() + "\n")
         handle.flush()

@@ -2,6 +2,7 @@
 
 import hashlib
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,25 @@ def test_a_damaged_key_file_is_a_one_line_error(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match="unreadable pseudonym key"):
         pseudonym_key(None, tmp_path)
+
+
+def test_concurrent_first_uses_agree_on_one_key(tmp_path: Path) -> None:
+    """Tracks harvest at once on the first night: every caller gets the one stored key, none fails."""
+    keys: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def first_use() -> None:
+        try:
+            keys.append(pseudonym_key(None, tmp_path))
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=first_use) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == [] and len(set(keys)) == 1
+    assert keys[0] == pseudonym_key(None, tmp_path)
+    assert [p.name for p in (tmp_path / KEY_FILE).parent.iterdir()] == ["pseudonym.key"]  # no scratch left
