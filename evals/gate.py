@@ -10,7 +10,13 @@ questions of the differences (`evals.statistics`). Four kinds of gate, all of wh
 - a gain on the held-out judged reward: its lower bound must exceed `min_gain`, so a candidate that
   changed nothing (delta 0) is not promoted;
 - KL of the candidate to the base model under `max_kl_to_base`, a bound on drift that the suites
-  might not see.
+  might not see;
+- the guards against reward hacking (`evals.guard`): a held-out gain must be confirmed by a measure
+  the training did not optimise, and the candidate's replies must not degenerate (repetition,
+  diversity, identical replies to different prompts, length).
+
+Every gate carries a one-line `reason`; the report's `reason()` is the first failing one, which the
+night writes into MLflow's run description and tags and `overnight gate` prints.
 
 The burden of proof is on the candidate: too few cases, or noisy ones, fail the gate, and the
 champion keeps serving. The confidence level bounds how often a real regression slips through, not
@@ -24,13 +30,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
+from evals.guard import GuardThresholds, ReplyStats, confirmation_result, degeneration_results
 from evals.statistics import Interval, Scores, paired_interval
 
 __all__ = [
@@ -62,6 +69,7 @@ class GateThresholds:
     min_gain: float = 0.0  # lower CI bound of the held-out reward gain must exceed this
     max_kl_to_base: float = 0.5  # KL of the candidate to the base model must not exceed this
     confidence: float = 0.95  # two-sided level of the intervals; each gate is one-sided at (1 - this) / 2
+    guard: GuardThresholds = field(default_factory=GuardThresholds)  # reward-hacking and degeneration gates
     bootstrap_samples: int = 2000  # paired bootstrap resamples
     seed: int = 0  # bootstrap seed: the same scores always give the same decision
     small_n: int = 20  # below this many pairs the exact sign-flip interval replaces the bootstrap
@@ -111,6 +119,7 @@ class GateResult:
     champion_metric: float | None = None  # the champion's mean, for context
     widened: bool = False  # the threshold is the noise margin, wider than the configured tolerance
     base_metric: float | None = None  # the base model's mean, when scored
+    reason: str = ""  # one line: why it passed or failed, e.g. "no held-out gain: delta +0.004 [-0.01, 0.02]"
 
     def as_json(self) -> dict[str, Any]:
         """The gate's JSON object; infinite or NaN numbers become null."""
@@ -128,6 +137,7 @@ class GateResult:
             "champion_metric": _finite(self.champion_metric),
             "base_metric": _finite(self.base_metric),
             "widened": self.widened,
+            "reason": self.reason,
         }
 
 
@@ -144,10 +154,21 @@ class GateReport:
         """Names of the gates that failed, e.g. `["suite/arithmetic", "heldout_gain"]`."""
         return [gate.name for gate in self.gates if not gate.passed]
 
+    def reason(self) -> str:
+        """Why the candidate was refused (the first failing gate's reason), or why it passed."""
+        failed = [gate for gate in self.gates if not gate.passed]
+        if failed:
+            return f"{failed[0].name}: {failed[0].reason}"
+        if not self.passed:
+            return "no gate was run"
+        gain = next((gate for gate in self.gates if gate.kind == "gain"), None)
+        return f"every gate passed; {gain.reason}" if gain is not None else "every gate passed"
+
     def as_json(self) -> dict[str, Any]:
         """The `overnight gate` JSON: `{passed, gates: [{name, passed, metric, delta, ci_low, ci_high, threshold, ...}]}`."""
         return {
             "passed": self.passed,
+            "reason": self.reason(),
             "gates": [gate.as_json() for gate in self.gates],
             "confidence": self.confidence,
             "skipped": list(self.skipped),
@@ -208,10 +229,18 @@ def suite_gate(scores: SuiteScores, thresholds: GateThresholds) -> GateResult:
     widened = margin is not None and -margin < threshold
     if widened and margin is not None:
         threshold = -margin
+    passed = interval.low >= threshold
+    what = "safety suite" if scores.safety else "suite"
+    reason = (
+        f"{what} {scores.suite}: delta {interval.mean_delta:+.3f} [{_number(interval.low)}, "
+        f"{_number(interval.high)}] {'>=' if passed else '<'} margin {threshold:+.3f}"
+        + ("" if passed else " (a regression: the candidate forgot)")
+    )
     return GateResult(
         name=f"{SUITE_GATE_PREFIX}{scores.suite}",
         kind="safety" if scores.safety else "non_inferiority",
-        passed=interval.low >= threshold,
+        reason=reason,
+        passed=passed,
         widened=widened,
         metric=float(np.mean(np.asarray(scores.candidate, dtype=float))),
         delta=interval.mean_delta,
@@ -264,12 +293,24 @@ def heldout_gate(candidate: Scores, champion: Scores, thresholds: GateThresholds
             threshold=thresholds.min_gain,
             n=0,
             method=None,
+            reason="no held-out prompts were scored for both models: no evidence of a gain",
         )
     interval = _interval(candidate, champion, thresholds)
+    passed = interval.low > thresholds.min_gain
+    reason = (
+        f"held-out reward {_number(_mean(champion))} -> {_number(_mean(candidate))}, delta "
+        f"{interval.mean_delta:+.3f} [{_number(interval.low)}, {_number(interval.high)}] "
+        + (
+            f"> {thresholds.min_gain:.3f}"
+            if passed
+            else f"not above {thresholds.min_gain:.3f}: no proven gain"
+        )
+    )
     return GateResult(
         name=HELDOUT_GATE,
         kind="gain",
-        passed=interval.low > thresholds.min_gain,
+        reason=reason,
+        passed=passed,
         metric=float(np.mean(np.asarray(candidate, dtype=float))),
         delta=interval.mean_delta,
         ci_low=interval.low,
@@ -283,10 +324,12 @@ def heldout_gate(candidate: Scores, champion: Scores, thresholds: GateThresholds
 
 def kl_gate(kl_to_base: float, thresholds: GateThresholds) -> GateResult:
     """Drift from the base model: KL <= max_kl_to_base (a NaN KL fails)."""
+    passed = math.isfinite(kl_to_base) and kl_to_base <= thresholds.max_kl_to_base
     return GateResult(
         name=KL_GATE,
         kind="kl",
-        passed=math.isfinite(kl_to_base) and kl_to_base <= thresholds.max_kl_to_base,
+        reason=f"KL to the base {_number(kl_to_base)} {'<=' if passed else 'exceeds'} {_number(thresholds.max_kl_to_base)}",
+        passed=passed,
         metric=float(kl_to_base),
         delta=None,
         ci_low=None,
@@ -304,28 +347,49 @@ def decide(
     heldout_champion: Scores,
     kl_to_base: float,
     thresholds: GateThresholds,
+    confirm_with: Sequence[str] | None = None,
+    replies: tuple[ReplyStats, ReplyStats] | None = None,
 ) -> GateReport:
     """Every gate on the given scores; suites with no cases are listed in `skipped`, not gated.
 
     Held-out rewards are per prompt, paired like suite scores (prompts whose judgment failed for
-    either model left out by the caller); with none, the gain gate fails (n = 0).
+    either model left out by the caller); with none, the gain gate fails (n = 0). The independent
+    confirmation of a gain pools the cases of the suites named in `confirm_with` (None: every
+    suite); `replies` (candidate's and champion's reply statistics) adds the degeneration gates.
     """
     names = [scores.suite for scores in suites]
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:
         raise ValueError(f"suites scored twice: {', '.join(duplicated)}")
     gated = [scores for scores in suites if not _is_empty(scores)]
+    gain = heldout_gate(heldout_candidate, heldout_champion, thresholds)
     gates = [
         *(suite_gate(scores, thresholds) for scores in gated),
-        heldout_gate(heldout_candidate, heldout_champion, thresholds),
+        gain,
         kl_gate(kl_to_base, thresholds),
+        _confirmation(gated, gain, confirm_with, thresholds),
     ]
+    if replies is not None:
+        gates += [GateResult(**fields) for fields in degeneration_results(*replies, thresholds.guard)]  # type: ignore[arg-type]
     return GateReport(
         passed=all(gate.passed for gate in gates),
         gates=tuple(gates),
         confidence=thresholds.confidence,
         skipped=tuple(scores.suite for scores in suites if _is_empty(scores)),
     )
+
+
+def _confirmation(
+    suites: Sequence[SuiteScores], gain: GateResult, names: Sequence[str] | None, thresholds: GateThresholds
+) -> GateResult:
+    chosen = [scores for scores in suites if names is None or scores.suite in names]
+    candidate = [score for scores in chosen for score in scores.candidate]
+    champion = [score for scores in chosen for score in scores.champion]
+    measure = "suites " + ", ".join(scores.suite for scores in chosen) if chosen else "no suite"
+    fields = confirmation_result(
+        gain.passed, gain.delta, candidate, champion, measure, thresholds.guard, seed=thresholds.seed
+    )
+    return GateResult(**fields)  # type: ignore[arg-type]
 
 
 def _is_empty(scores: SuiteScores) -> bool:
@@ -347,6 +411,13 @@ def _rule(gate: GateResult) -> str:
     """The pass condition in words, e.g. `low >= -0.020`."""
     if gate.kind == "kl":
         return f"KL <= {_number(gate.threshold)}"
+    if gate.name.endswith("length_ratio"):
+        return f"<= {_number(gate.threshold, 2)}"
+    if gate.kind == "degeneration":
+        below = gate.name.endswith("distinct")
+        return f"{'>=' if below else '<='} {_number(gate.threshold, 2)} or no worse than champion"
+    if gate.kind == "confirmation":
+        return "low > 0 when the reward rose"
     comparison = ">" if gate.kind == "gain" else ">="
     return f"low {comparison} {_number(gate.threshold)}"
 
@@ -376,6 +447,10 @@ def report_markdown(report: GateReport) -> str:
             gate.method or "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"**Why:** {report.reason()}"]
+    reasons = [f"- {gate.name}: {gate.reason}" for gate in report.gates if not gate.passed and gate.reason]
+    if len(reasons) > 1:
+        lines += ["", "Every failing gate:", *reasons]
     if report.skipped:
         lines += ["", f"Skipped (no cases): {', '.join(report.skipped)}"]
     return "\n".join(lines) + "\n"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -47,7 +48,10 @@ from pydantic import (
 from storage.errors import UserError
 from storage.records import describe_validation_error
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "ArithmeticSpec",
     "CallableGrader",
     "ContainsGrader",
     "ContainsSpec",
@@ -72,6 +76,7 @@ __all__ = [
     "last_number",
     "load_callable",
     "regex_flags",
+    "safe_score",
     "validate_grader_spec",
     "validated",
     "weighted_grader",
@@ -472,6 +477,18 @@ class NumericSpec(_GraderSpec):
         return None
 
 
+class ArithmeticSpec(_GraderSpec):
+    """The exact-answer reward for arithmetic questions (`evals.arithmetic`): no reference needed."""
+
+    type: Literal["arithmetic"]
+    tolerance: _NonNegative = 1e-9
+
+    def build(self) -> Grader:
+        from evals.arithmetic import ArithmeticGrader  # evals.arithmetic imports this module
+
+        return ArithmeticGrader(**self.options())
+
+
 class JudgeSpec(_GraderSpec):
     """A suite case the LLM judge scores (the judge stage), with the track's rubric unless one is named."""
 
@@ -483,7 +500,14 @@ class JudgeSpec(_GraderSpec):
 
 
 GraderSpec = Annotated[
-    ExactSpec | ContainsSpec | RegexSpec | JsonSchemaSpec | PythonSpec | NumericSpec | JudgeSpec,
+    ExactSpec
+    | ContainsSpec
+    | RegexSpec
+    | JsonSchemaSpec
+    | PythonSpec
+    | NumericSpec
+    | ArithmeticSpec
+    | JudgeSpec,
     Field(discriminator="type"),
 ]
 
@@ -573,6 +597,32 @@ def _samples(
     return samples
 
 
+_warned: set[str] = set()
+
+
+def safe_score(grader: Grader, sample: Sample) -> float:
+    """The grader's score as a reward: 0.0 (failed, never a positive reward) when the grader cannot
+    score the sample (it raised, or returned NaN or a value outside [0, 1]). A `UserError` (a wrong
+    config or suite line) is not a scoring failure and is raised."""
+    try:
+        value = float(grader.score(sample))
+    except UserError:
+        raise
+    except Exception as error:  # any grader, including user code: never a crash mid-night
+        _warn_once(grader.name, f"{type(error).__name__}: {error}")
+        return 0.0
+    if not 0.0 <= value <= 1.0:  # also NaN
+        _warn_once(grader.name, f"returned {value!r}")
+        return 0.0
+    return value
+
+
+def _warn_once(name: str, problem: str) -> None:
+    if name not in _warned:
+        _warned.add(name)
+        logger.warning("grader %r could not score a reply (%s); such replies score 0", name, problem)
+
+
 def as_reward_function(grader: Grader) -> Callable[..., list[float]]:
     """The grader as a TRL reward function `(prompts, completions, **kwargs) -> list[float]`.
 
@@ -584,7 +634,7 @@ def as_reward_function(grader: Grader) -> Callable[..., list[float]]:
     def reward(
         prompts: Sequence[Any] | None = None, completions: Sequence[Any] = (), **kwargs: Any
     ) -> list[float]:
-        return [grader.score(sample) for sample in _samples(prompts, completions, kwargs)]
+        return [safe_score(grader, sample) for sample in _samples(prompts, completions, kwargs)]
 
     reward.__name__ = grader.name
     reward.__qualname__ = grader.name

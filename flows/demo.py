@@ -1,20 +1,25 @@
 """`overnight demo`: the whole loop on embedded defaults, night after night, with nothing to set up.
 
 Everything lives under `.overnight/demo/` (its own SQLite store, local MLflow store, snapshots,
-adapters, the tiny model, the server log), so it never touches a user's configured store; each run
-starts from a clean store and reuses only the cached tiny model. It builds the tiny base model,
-starts a local vLLM CPU server on it, and then, night after night: generates that day's synthetic
-traffic for two tracks (with PII, duplicates, heavy users and malformed lines), ingests it, and runs
-the real nightly flow (harvest, judge, select, train, gate, register, hot-swap, commit). After the
-last night it asks each track's stable name a question through the server.
+adapters, the base model, the suites, the server log), so it never touches a user's configured
+store; each run starts from a clean store and reuses only the cached base model. It builds the
+competent demo base model (`pipeline.demo_world.base_model`, about 5 minutes the first time),
+writes the suites that test its skills, starts a local vLLM CPU server on it, and then, night
+after night: generates that day's synthetic traffic for two tracks (with PII, duplicates, heavy
+users and malformed lines), ingests it, and runs the real nightly flow (harvest, judge, select,
+train, gate, register, hot-swap, commit). After the last night it asks each track's stable name a
+question through the server.
 
-The tiny random model cannot make an LLM judge meaningful, so the `math` track is rewarded by a
-programmatic grader (the reply contains a number), which the tiny model can learn in a few steps;
-the `support` track exercises the LLM judge through the vLLM server, whatever its gate decides.
+The `math` track asks the arithmetic the base learned only partly (it forgets carries) and is
+rewarded by a verifiable exact-answer grader; its gain must be confirmed by the arithmetic suite,
+and the support, JSON and refusal suites guard what the base already knows. The `support` track is
+rewarded by the LLM judge, which on a 3M-parameter base scores at random: its gate must (and does)
+refuse to promote on that noise. Learning from users' feedback there is a later stage of the demo.
 """
 
 from __future__ import annotations
 
+import random
 import shutil
 from collections.abc import Callable
 from datetime import timedelta
@@ -24,7 +29,9 @@ from typing import Any
 import yaml
 
 import storage
+from evals.suites import write_suite
 from pipeline.config import OvernightConfig, load_config
+from pipeline.demo_world import skills
 from pipeline.demo_world import synthetic_traffic as synthetic_traffic
 from pipeline.deploy.vllm_client import VllmClient
 from pipeline.deploy.vllm_process import ServerSpec, free_port
@@ -35,11 +42,17 @@ MALFORMED_EVERY = 50  # one malformed line per this many records, as real logs h
 # rewards (4 steps x 4 prompts x 4 completions) and the gate's judge cases and held-out replies.
 JUDGE_STAGE_ITEMS = 64
 JUDGE_BUDGET = 400
-KEEP = ("tiny-model",)  # what survives between demo runs (a cache); everything else starts clean
-MATH_REWARD_NOTE = (
-    "math is rewarded by a programmatic grader (the reply contains a number): the tiny random model "
-    "cannot make an LLM judge meaningful; support uses the LLM judge through vLLM"
+KEEP = ("base-model",)  # what survives between demo runs (a cache); everything else starts clean
+NOTE = (
+    "math: rewarded by the exact answer, its held-out accuracy must rise and be confirmed by the "
+    "arithmetic suite, with no regression on support, JSON and refusals. support: rewarded by the LLM "
+    "judge, which on this 3M-parameter base scores at random, so its gate refuses to promote on noise"
 )
+SUITE_FILES = {
+    name: f"suites/{name}.jsonl" for name in ("demo-arithmetic", "demo-support", "demo-json", "demo-refusals")
+}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MATH_STEPS = 100  # GRPO steps per night on the math track (about 2 steps a second on 2 cores)
 QUESTIONS = {
     "support": "How do I reset my password?",
     "math": "What is 12 + 30?",
@@ -52,67 +65,70 @@ def demo_settings(port: int) -> dict[str, Any]:
     Paths are relative to the file, which lives in the demo's home: `overnight -c
     .overnight/demo/overnight.yaml status` works from any directory, and the home can be moved.
     """
-    tiny_train = {
-        "learning_rate": 5e-3,
-        "temperature": 0.3,  # the tiny model's logits move little: sample near its mode
+    train = {
+        "learning_rate": 1e-3,
+        "temperature": 1.0,
+        "beta": 0.0,
         "kl_budget": 5.0,
-        "max_completion_tokens": 16,
+        "max_completion_tokens": 24,
         "num_generations": 4,
         "prompts_per_step": 4,
         "heldout_fraction": 0.4,
         "max_wall_seconds": 240,
+        "lora": {"rank": 8, "alpha": 16, "target_modules": LORA_TARGETS},
     }
-    sampled_gate = {"temperature": 0.3, "max_new_tokens": 16, "max_kl_to_base": 20.0}
+    gate = {"temperature": 0.0, "max_new_tokens": 32, "max_kl_to_base": 20.0}
     return {
         "home": ".",
         "database": {"url": "sqlite:///overnight.db"},
         "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "artifact_location": "mlartifacts"},
         "serving": {
-            "base_model": "./tiny-model",  # "./": a local directory even before it is built
+            "base_model": "./base-model",  # "./": a local directory even before it is built
             "endpoints": [f"http://127.0.0.1:{port}"],
             "port": port,
             "dtype": "float32",
         },
         "judge": {"budget_items": JUDGE_BUDGET, "stage_items": JUDGE_STAGE_ITEMS, "max_tokens": 256},
-        "train": tiny_train,
-        "gate": sampled_gate,
+        "train": train,
+        "gate": gate,
         "tracks": [
             {
                 "name": "support",
-                "description": "Customer-support answers, judged by the LLM judge (helpfulness).",
+                "description": "Customer-support answers, rewarded by the LLM judge (helpfulness).",
                 "rubric": "helpfulness",
-                "suites": ["instruction-following", "refusals"],
+                "suites": [SUITE_FILES["demo-support"], SUITE_FILES["demo-refusals"]],
                 "harvest": {"max_chars": 2500},
                 "train": {"max_steps": 4, "max_prompts": 24},
-                # The tiny judge rarely scores high: keep a small memory of its better-judged rows.
+                # The judge rarely scores high: keep a small memory of its better-judged rows.
                 "gate": {"memory_min_reward": 0.3, "memory_cap": 24},
             },
             {
                 "name": "math",
-                "description": "Arithmetic answers; the demo rewards replies that contain a number.",
+                "description": "Arithmetic (A + B, A - B), rewarded by the exact answer.",
                 "rubric": "correctness",
-                "suites": ["arithmetic", "json-output"],
-                "reward": {
-                    "judge": 0.0,
-                    "graders": [{"type": "regex", "pattern": r"\d", "name": "has_number", "weight": 1.0}],
-                },
+                "suites": [
+                    SUITE_FILES[name]
+                    for name in ("demo-arithmetic", "demo-support", "demo-json", "demo-refusals")
+                ],
+                "reward": {"judge": 0.0, "graders": [{"type": "arithmetic", "weight": 1.0}]},
                 "harvest": {"max_chars": 2500, "max_rows_per_user": 100},
-                # The tiny model learns "answer with a number" in short replies (seen: 0.35 -> 0.9).
                 "train": {
-                    "max_steps": 30,
-                    "max_prompts": 160,
-                    "max_completion_tokens": 4,
+                    "max_steps": MATH_STEPS,
+                    "max_prompts": 240,
+                    "max_completion_tokens": 12,
                     "prompts_per_step": 8,
                     "num_generations": 8,
                 },
-                "gate": {"max_new_tokens": 4},
+                # The held-out gain must show on the arithmetic suite too (not only on the reward).
+                "gate": {"confirm_with": ["demo-arithmetic"], "max_new_tokens": 16},
             },
         ],
     }
 
 
 def prepare_home(home: Path, port: int) -> tuple[Path, OvernightConfig]:
-    """A clean demo home (the cached tiny model kept) with its overnight.yaml; returns (path, config)."""
+    """A clean demo home (the cached base model kept) with its suites and overnight.yaml; returns
+    (path, config)."""
     home.mkdir(parents=True, exist_ok=True)
     for entry in home.iterdir():
         if entry.name in KEEP:
@@ -121,6 +137,8 @@ def prepare_home(home: Path, port: int) -> tuple[Path, OvernightConfig]:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+    for suite in skills.demo_suites():
+        write_suite(suite, home / SUITE_FILES[suite.name])
     path = home / "overnight.yaml"
     header = "# Written by `overnight demo`; rewritten on every demo run.\n"
     path.write_text(header + yaml.safe_dump(demo_settings(port), sort_keys=False), encoding="utf-8")
@@ -136,13 +154,14 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run `nights` nights of the loop; returns the JSON summary (one entry per night)."""
     from flows.nightly import nightly
-    from pipeline.demo_world.tiny_model import build_tiny_model
+    from pipeline.demo_world.base_model import build_base_model, read_stamp
     from pipeline.deploy.serving import start_serving
 
     port = free_port()
     config_path, config = prepare_home(home, port)
-    on_stage("building the tiny base model (cached after the first run)")
-    model_dir = build_tiny_model(config.serving.base_model)
+    on_stage("building the demo base model (about 5 minutes the first time, then cached)")
+    model_dir = build_base_model(config.serving.base_model, on_progress=on_stage)
+    base_skills = (read_stamp(model_dir) or {}).get("skills", {})
     engine = storage.make_engine(config.database.url)
     storage.upgrade(engine)
     on_stage("starting the local vLLM server (about a minute on CPU)")
@@ -176,7 +195,8 @@ def run_demo(
         "home": str(home),
         "config": str(config_path),
         "base_model": str(model_dir),
-        "note": MATH_REWARD_NOTE,
+        "base_skills": base_skills,
+        "note": NOTE,
         "nights": done,
         "answers": answers,
         "browse": {
@@ -193,9 +213,21 @@ def _ingest_night(
     traffic = Path(config.home) / "traffic" / f"night-{night}.jsonl"
     traffic.parent.mkdir(parents=True, exist_ok=True)
     on_stage(f"night {night}: generating and ingesting {rows} interactions")
-    records = synthetic_traffic.generate_records(rows, seed=night, start=day)
+    records = synthetic_traffic.generate_records(
+        rows, seed=night, start=day, math_problems=_math_question, math_system_prompt_rate=0.0
+    )
     synthetic_traffic.write_jsonl(traffic, records, malformed_every=MALFORMED_EVERY, seed=night)
     return storage.ingest_jsonl(engine, traffic, batch_size=config.database.batch_size).as_json()
+
+
+def _math_question(rng: random.Random) -> tuple[str, str, int]:
+    """A math question the base was taught but never saw (held out from pretraining and the suite)."""
+    problem = skills.math_problem(rng)
+    return (
+        problem.question(rng.randrange(len(skills.ARITHMETIC_FORMS))),
+        f"{problem.a} {problem.op} {problem.b}",
+        problem.result,
+    )
 
 
 def _ask_tracks(config: OvernightConfig, base_url: str) -> list[dict[str, Any]]:

@@ -124,6 +124,14 @@ class GateConfig(Section):
     )  # sampled replies (temperature > 0): widen suite margins so an unchanged model fails this rarely
     memory_cap: int = Field(default=200, ge=0)  # cases kept in a track's memory suite (0: no memory suite)
     memory_min_reward: float = Field(default=0.7, ge=0, le=1)  # judged reward an interaction needs to be kept
+    # Guards against reward hacking (`evals.guard`). A held-out gain must be confirmed by the suites
+    # named here (None: all the track's suites; []: no confirmation, for a track without any).
+    confirm_with: list[str] | None = None
+    confirm_confidence: float = Field(default=0.8, gt=0.5, lt=1)  # level of the confirmation interval
+    max_repetition: float = Field(default=0.2, ge=0, le=1)  # share of repeated word 3-grams in a reply
+    min_distinct_ratio: float = Field(default=0.7, ge=0, le=1)  # distinct 3-grams vs the champion's
+    max_identical_share: float = Field(default=0.2, ge=0, le=1)  # replies shared with another prompt
+    max_length_ratio: float = Field(default=1.5, gt=1)  # mean reply length vs the champion's
 
 
 class RewardConfig(Section):

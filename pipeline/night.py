@@ -507,6 +507,9 @@ def summarize(night: Night, outcome: NightOutcome) -> dict[str, Any]:
         "status": night_status(outcome),
         "version": outcome.registered.version,
         "gate": None if decision.skipped else decision.summary(),
+        "reason": f"skipped: {decision.reason or trained.stop_reason}"
+        if decision.skipped
+        else decision.report().reason(),
         "train": {"steps": trained.steps, "stop_reason": trained.stop_reason, "kl": trained.kl},
         "deployed": outcome.deployed.deployed,
         "rows": outcome.harvested.rows,

@@ -144,6 +144,10 @@ class GateVerdict(StageResult):
     champion_metric: float | None = None
     widened: bool = False
     base_metric: float | None = None
+    reason: str = ""
+
+
+CASES_FILE = "cases.jsonl"  # per-case replies of champion and candidate, next to gate.json
 
 
 class GateDecision(StageResult):
@@ -175,8 +179,21 @@ class GateDecision(StageResult):
         return GateReport(self.passed, gates, self.confidence, tuple(self.skipped_suites))
 
     def summary(self) -> dict[str, Any]:
-        """`{passed, gates, backend}` as `overnight run --json` prints it (unbounded ends as null)."""
-        return {"passed": self.passed, "gates": self.report().as_json()["gates"], "backend": self.backend}
+        """`{passed, reason, gates, backend}` as `overnight run --json` prints it (unbounded ends as null)."""
+        report = self.report().as_json()
+        return {
+            "passed": self.passed,
+            "reason": report["reason"],
+            "gates": report["gates"],
+            "backend": self.backend,
+        }
+
+    def cases(self) -> list[dict[str, Any]]:
+        """The per-case replies the gate wrote (`cases.jsonl` in its report directory); [] when none."""
+        path = self.report_dir / CASES_FILE if self.report_dir is not None else None
+        if path is None or not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def report_json(self) -> dict[str, Any]:
         """What `overnight gate --json` prints: the report (`{passed, gates, confidence, skipped}`) and

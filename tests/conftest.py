@@ -125,6 +125,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def base_model_dir() -> Path:
+    """The competent demo base model (`pipeline.demo_world.base_model`): built once (about 5 minutes on
+    2 cores) and cached under `.overnight/test-cache/` (or OVERNIGHT_TEST_CACHE) across runs; its stamp
+    makes a changed recipe or a corrupt file rebuild it."""
+    from pipeline.demo_world.base_model import build_base_model
+
+    cache = Path(
+        os.environ.get("OVERNIGHT_TEST_CACHE") or Path(__file__).parents[1] / ".overnight" / "test-cache"
+    )
+    return build_base_model(cache / "base-model", on_progress=print)
+
+
+@pytest.fixture(scope="session")
 def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A real vLLM CPU server on the tiny model, started once per session (about a minute).
 

@@ -78,14 +78,23 @@ def gate_table(report: dict[str, Any], title: str) -> Table:
 def trend_table(nights: list[dict[str, Any]]) -> Table:
     """Held-out reward of champion and candidate per night and track: the loop's learning curve."""
     table = Table(
-        "night", "track", "champion", "candidate", "gain CI", "status", title="held-out reward by night"
+        "night",
+        "track",
+        "champion",
+        "candidate",
+        "gain CI",
+        "status",
+        "why",
+        title="held-out reward by night (math: exact-answer accuracy on unseen problems)",
     )
     for night in nights:
         for entry in night["tracks"]:
-            gates = {g["name"]: g for g in ((entry.get("gate") or {}).get("gates") or [])}
+            gate = entry.get("gate") or {}
+            gates = {g["name"]: g for g in (gate.get("gates") or [])}
             gain = gates.get("heldout_gain")
+            why = gate.get("reason") or entry.get("reason") or ""
             if gain is None:
-                table.add_row(str(night["night"]), entry["track"], "-", "-", "-", entry["status"])
+                table.add_row(str(night["night"]), entry["track"], "-", "-", "-", entry["status"], why)
                 continue
             interval = f"[{fmt(gain['ci_low'])}, {fmt(gain['ci_high'])}]"
             table.add_row(
@@ -95,6 +104,7 @@ def trend_table(nights: list[dict[str, Any]]) -> Table:
                 fmt(gain.get("metric")),
                 interval,
                 entry["status"],
+                why if entry["status"] != "promoted" else "",
             )
     return table
 

@@ -609,6 +609,8 @@ class _State:
     span_seconds: int
     math_error_rate: float
     users: tuple[str, ...]
+    math_maker: Callable[[random.Random], tuple[str, str, int]] | None = None
+    math_system_prompt_rate: float = MATH_SYSTEM_PROMPT_RATE
     drafts: list[_Draft] = field(default_factory=list)
     support_seen: list[_Question] = field(default_factory=list)
     math_seen: list[_Problem] = field(default_factory=list)
@@ -915,7 +917,7 @@ def _math_problem(state: _State) -> _Problem:
     if state.math_seen and rng.random() < DUPLICATE_RATE:
         seen = rng.choice(state.math_seen)
         return _Problem(_retype(rng, seen.text, keep_case=False), seen.expression, seen.answer)
-    problem = rng.choice(_MATH_MAKERS)(rng)
+    problem = _Problem(*state.math_maker(rng)) if state.math_maker else rng.choice(_MATH_MAKERS)(rng)
     state.math_seen.append(problem)
     return problem
 
@@ -944,7 +946,7 @@ def _math_conversation(state: _State) -> None:
     problem = _math_problem(state)
     ctx = _new_context(state, "math", multi_turn=False)
     messages = [{"role": "user", "content": problem.text}]
-    if rng.random() < MATH_SYSTEM_PROMPT_RATE:
+    if rng.random() < state.math_system_prompt_rate:
         messages.insert(0, {"role": "system", "content": MATH_SYSTEM_PROMPT})
     correct = rng.random() >= state.math_error_rate
     claimed = problem.answer if correct else _wrong_answer(rng, problem.answer)
@@ -1025,10 +1027,13 @@ def generate_records(
     span_hours: float = 24.0,
     id_fraction: float = 0.8,
     math_error_rate: float = MATH_ERROR_RATE,
+    math_problems: Callable[[random.Random], tuple[str, str, int]] | None = None,
+    math_system_prompt_rate: float = MATH_SYSTEM_PROMPT_RATE,
 ) -> Iterator[dict[str, Any]]:
     """Yield `n` valid interaction records in timestamp order, all within `[start, start + span_hours)`.
 
-    The output depends only on the arguments. `id_fraction` is the share of records carrying a client
+    `math_problems(rng) -> (question, expression, answer)` replaces the built-in mix of math
+    questions (the demo asks what its base model was taught). The output depends only on the arguments. `id_fraction` is the share of records carrying a client
     `id` (the rest rely on content hashing); it does not change any other field. Multi-turn support
     sessions are logged one record per turn, so a session may be cut short when `n` is reached.
     """
@@ -1040,6 +1045,8 @@ def generate_records(
         span_seconds=max(1, int(span_hours * 3600)),
         math_error_rate=math_error_rate,
         users=_user_pool(),
+        math_maker=math_problems,
+        math_system_prompt_rate=math_system_prompt_rate,
     )
     while len(state.drafts) < n:
         _CONVERSATION_MAKERS[state.rng.choice(tracks)](state)

@@ -246,7 +246,7 @@ def _wrap_tokenizer(tokenizer: Tokenizer, spec: TinyModelSpec) -> PreTrainedToke
 # --------------------------------------------------------------------------- model
 
 
-def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
+def token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
     token_id = tokenizer.convert_tokens_to_ids(token)
     if not isinstance(token_id, int):
         raise TypeError(f"{token!r} is not a single token")
@@ -267,21 +267,21 @@ def _model_config(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast) -> Ll
         rms_norm_eps=spec.rms_norm_eps,
         initializer_range=spec.initializer_range,
         tie_word_embeddings=spec.tie_word_embeddings,
-        pad_token_id=_token_id(tokenizer, PAD),
-        bos_token_id=_token_id(tokenizer, BOS),
-        eos_token_id=_token_id(tokenizer, EOS),
+        pad_token_id=token_id(tokenizer, PAD),
+        bos_token_id=token_id(tokenizer, BOS),
+        eos_token_id=token_id(tokenizer, EOS),
         dtype="float32",
     )
 
 
-def _generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
+def generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
     """Greedy by default; stop at <|eos|> and at the end-of-turn marker <|end|>."""
     return GenerationConfig(
         do_sample=False,
         max_new_tokens=64,
-        pad_token_id=_token_id(tokenizer, PAD),
-        bos_token_id=_token_id(tokenizer, BOS),
-        eos_token_id=[_token_id(tokenizer, EOS), _token_id(tokenizer, END)],
+        pad_token_id=token_id(tokenizer, PAD),
+        bos_token_id=token_id(tokenizer, BOS),
+        eos_token_id=[token_id(tokenizer, EOS), token_id(tokenizer, END)],
     )
 
 
@@ -290,7 +290,7 @@ def _init_model(spec: TinyModelSpec, seed: int, tokenizer: PreTrainedTokenizerFa
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(_model_config(spec, tokenizer))
-    model.generation_config = _generation_config(tokenizer)
+    model.generation_config = generation_config(tokenizer)
     return model.float().eval()
 
 
@@ -355,15 +355,15 @@ def _write_build(directory: Path, spec: TinyModelSpec, seed: int) -> int:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size={spec.vocab_size}")
     model = _init_model(spec, seed, tokenizer)
     tokenizer.save_pretrained(directory)
-    with _no_progress_bars():
+    with no_progress_bars():
         model.save_pretrained(directory)
     _write_stamp(directory, spec, seed)
-    _make_readable(directory)
+    make_readable(directory)
     return model.num_parameters()
 
 
 @contextmanager
-def _no_progress_bars() -> Iterator[None]:
+def no_progress_bars() -> Iterator[None]:
     """Silence transformers' "Writing model shards" tqdm bar for one save."""
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -374,14 +374,14 @@ def _no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _make_readable(directory: Path) -> None:
+def make_readable(directory: Path) -> None:
     """mkdtemp makes the staging dir 0700 (and safetensors may write 0600): open it to a vLLM server's user."""
     directory.chmod(0o755)
     for path in directory.iterdir():
         path.chmod(0o644)
 
 
-def _move_into_place(staging: Path, out_dir: Path) -> None:
+def move_into_place(staging: Path, out_dir: Path) -> None:
     if out_dir.is_dir():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
@@ -405,7 +405,7 @@ def build_tiny_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
     try:
         n_params = _write_build(staging, spec, seed)
-        _move_into_place(staging, out_dir)
+        move_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info(

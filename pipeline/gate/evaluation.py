@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from evals.gate import GateReport, GateThresholds, SuiteScores, decide
+from evals.guard import ReplyStats
 from evals.suites import Suite, SuiteCase
 from pipeline.gate.generation import (
     KL_PROBE_PROMPTS,
@@ -90,6 +91,9 @@ class Evaluation:
     kl_to_base: float
     generated: int  # replies generated (all three models)
     backend: str  # "vllm" or "in-process"
+    # One row per suite case and held-out prompt: {suite, case, prompt, champion, candidate,
+    # champion_score, candidate_score}, what a reviewer reads side by side.
+    cases: list[dict[str, object]] = field(default_factory=list)
 
 
 def evaluate_candidate(
@@ -106,6 +110,7 @@ def evaluate_candidate(
     heldout_champion: Sequence[float] = (),
     decoding: Decoding = Decoding(),
     score_base: bool = True,
+    confirm_with: Sequence[str] | None = None,
 ) -> Evaluation:
     """The gate's evaluation of `candidate` against `champion` (the base when None).
 
@@ -114,7 +119,9 @@ def evaluate_candidate(
     cases are scored by their graders; judge cases and held-out replies by `scorer` (without one,
     judge cases are not scored and held-out scores must be given as `heldout_candidate` /
     `heldout_champion`). The KL gate gets the candidate's KL to the base on the first
-    `KL_PROBE_PROMPTS` suite prompts.
+    `KL_PROBE_PROMPTS` suite prompts. A held-out gain must be confirmed by the suites named in
+    `confirm_with` (None: every suite), and the candidate's replies must not degenerate
+    (`evals.guard`).
     """
     generator = generator or InProcessGenerator(base_model)
     per_suite = [
@@ -129,6 +136,7 @@ def evaluate_candidate(
     n_cases = len(cases)
     case_scores = {name: _case_scores(cases, reply[:n_cases], scorer) for name, reply in replies.items()}
     scores = _suite_scores(suites, [len(suite_cases) for suite_cases in per_suite], case_scores)
+    judged: dict[str, list[float | None]] = {}
     if heldout and scorer is not None:
         conversations = [list(p.messages) for p in heldout]
         references = [p.reference for p in heldout]
@@ -142,13 +150,39 @@ def evaluate_candidate(
     # Suite prompts first; the held-out prompts when the suites have none.
     kl_prompts = prompts[: min(n_cases, KL_PROBE_PROMPTS)] or prompts[n_cases : n_cases + KL_PROBE_PROMPTS]
     kl = probe_kl(base_model, candidate, None, kl_prompts)
+    questions = [_last_user_text(prompt) for prompt in prompts]
+    stats = (
+        ReplyStats.of(questions, replies["candidate"], thresholds.guard.ngram),
+        ReplyStats.of(questions, replies["champion"], thresholds.guard.ngram),
+    )
     report = decide(
         scores,
         heldout_candidate=list(heldout_candidate),
         heldout_champion=list(heldout_champion),
         kl_to_base=kl,
         thresholds=thresholds,
+        confirm_with=confirm_with,
+        replies=stats,
     )
+    names = [suite.name for suite, suite_cases in zip(suites, per_suite, strict=True) for _ in suite_cases]
+    names += ["held-out"] * len(heldout)
+    ids = [case.id for case in cases] + [f"heldout-{index}" for index in range(len(heldout))]
+    score_columns = {
+        name: case_scores[name] + judged.get(name, [None] * len(heldout))
+        for name in ("candidate", "champion")
+    }
+    rows: list[dict[str, object]] = [
+        {
+            "suite": names[index],
+            "case": ids[index],
+            "prompt": questions[index],
+            "champion": replies["champion"][index],
+            "candidate": replies["candidate"][index],
+            "champion_score": score_columns["champion"][index],
+            "candidate_score": score_columns["candidate"][index],
+        }
+        for index in range(len(prompts))
+    ]
     return Evaluation(
         report=report,
         suites=scores,
@@ -157,7 +191,13 @@ def evaluate_candidate(
         kl_to_base=kl,
         generated=sum(len(reply) for reply in replies.values()),
         backend="vllm" if isinstance(generator, ServerGenerator) else "in-process",
+        cases=rows,
     )
+
+
+def _last_user_text(messages: Sequence[dict[str, str]]) -> str:
+    users = [message for message in messages if message.get("role") == "user"]
+    return str((users or list(messages) or [{"content": ""}])[-1].get("content", ""))
 
 
 def _suite_scores(

@@ -20,7 +20,8 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from evals.gate import GateThresholds, plot_deltas, report_markdown
-from evals.graders import Sample, combine_scores, weighted_grader
+from evals.graders import Sample, combine_scores, safe_score, weighted_grader
+from evals.guard import GuardThresholds
 from pipeline.config import GateConfig, OvernightConfig, RewardConfig, TrainConfig
 from pipeline.deploy.vllm_client import VllmClient
 from pipeline.gate.evaluation import Evaluation, Scorer, evaluate_candidate
@@ -29,8 +30,9 @@ from pipeline.gate.memory import track_suites
 from pipeline.judge.client import Judge, run_sync
 from pipeline.judge.rubrics import Rubric, load_rubric
 from pipeline.judge.stage import read_judged
-from pipeline.results import GateDecision, TrainPrompt
+from pipeline.results import CASES_FILE, GateDecision, TrainPrompt
 from pipeline.select import select as select_prompts
+from storage.errors import UserError
 from storage.models import Snapshot
 
 __all__ = [
@@ -57,6 +59,14 @@ def thresholds_from(gate: GateConfig) -> GateThresholds:
         bootstrap_samples=gate.bootstrap_samples,
         seed=gate.seed,
         false_alarm_rate=gate.false_alarm_rate if gate.temperature > 0 else None,
+        guard=GuardThresholds(
+            confirm=gate.confirm_with != [],
+            confirm_confidence=gate.confirm_confidence,
+            max_repetition=gate.max_repetition,
+            min_distinct_ratio=gate.min_distinct_ratio,
+            max_identical_share=gate.max_identical_share,
+            max_length_ratio=gate.max_length_ratio,
+        ),
     )
 
 
@@ -90,7 +100,7 @@ def reward_scorer(reward: RewardConfig, judge: Judge | None, rubric: Rubric) -> 
         ):
             sample = Sample(messages=list(conversation), response=reply, reference=reference)
             components: dict[str, float | None] = {"judge": judged[index] if judged else None}
-            components |= {f"grader{i}": grader.score(sample) for i, (_, grader) in enumerate(graders)}
+            components |= {f"grader{i}": safe_score(grader, sample) for i, (_, grader) in enumerate(graders)}
             scores.append(combine_scores(components, weights))
         return scores
 
@@ -154,11 +164,22 @@ def gate_track(
     spec = config.track(track)
     base_model = config.base_model_for(track)
     gate = config.gate_for(track)
+    suites = track_suites(config, track)
+    unknown = sorted(set(gate.confirm_with or ()) - {suite.name for suite in suites})
+    if unknown:
+        raise UserError(
+            f"track {track!r}: gate.confirm_with names {', '.join(unknown)}, which are not among its suites "
+            f"({', '.join(suite.name for suite in suites)})"
+        )
     evaluation = evaluate_candidate(
         base_model,
         candidate,
         champion,
-        track_suites(config, track),
+        suites,
+        # None: the suites the track names (its memory suite holds judge-scored cases: not independent)
+        confirm_with=gate.confirm_with
+        if gate.confirm_with is not None
+        else [suite.name for suite in suites if suite.name != f"memory-{track}"],
         thresholds=thresholds_from(gate),
         generator=generator or InProcessGenerator(base_model),
         scorer=reward_scorer(spec.reward, judge, load_rubric(spec.rubric)),
@@ -176,11 +197,14 @@ def gate_track(
 
 
 def write_report(evaluation: Evaluation, report_dir: Path) -> None:
-    """`gate.json`, `gate.md` and `gate_deltas.png` in `report_dir`."""
+    """`gate.json`, `gate.md`, `gate_deltas.png` and the per-case replies (`cases.jsonl`) in `report_dir`."""
     report_dir.mkdir(parents=True, exist_ok=True)
     data = {**evaluation.report.as_json(), "backend": evaluation.backend, "kl_to_base": evaluation.kl_to_base}
     (report_dir / "gate.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     (report_dir / "gate.md").write_text(report_markdown(evaluation.report), encoding="utf-8")
+    with (report_dir / CASES_FILE).open("w", encoding="utf-8") as cases:
+        for row in evaluation.cases:
+            cases.write(json.dumps(row, ensure_ascii=False) + "\n")
     plot_deltas(evaluation.report, report_dir / "gate_deltas.png")
 
 

@@ -64,6 +64,7 @@ MAX_KEY_LENGTH = 250  # mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH
 SECRET_SUBSTRINGS = ("api_key", "apikey", "secret", "password", "passwd", "credential", "private_key")
 SECRET_WORDS = frozenset({"token", "auth", "authorization", "bearer"})  # whole words of the last key segment
 TRAINING_PREFIX = "train/"
+GATE_CASES = "gate/cases.json"  # per-case replies, an MLflow table
 GATE_PLOT = "plots/gate_deltas.png"
 ADAPTER_ARTIFACT = "adapter"
 
@@ -345,16 +346,34 @@ class NightRun:
         self.log_metrics({"judge": dict(stats), "calibration": dict(calibration or {})})
         self.log_json("judge.json", {"stats": dict(stats), "calibration": dict(calibration or {})})
 
-    def log_gate(self, report: GateReport) -> None:
-        """Every gate's metric/delta/CI/pass as metrics, `gate.md`, `gate.json` and `plots/gate_deltas.png`."""
+    def log_gate(self, report: GateReport, cases: Sequence[Mapping[str, Any]] = ()) -> None:
+        """The gate as a reviewer reads it: the verdict, its reason and the gate table as the run's
+        description (the run page's overview), tags `gate`, `gate.failed` and `gate.reason`, every
+        gate's figures as metrics, `gate.md`, `gate.json`, `plots/gate_deltas.png`, and `cases`
+        (champion's and candidate's reply to each suite case and held-out prompt) as the MLflow
+        table `gate/cases.json`, which the run's Evaluation tab shows side by side."""
         from evals.gate import deltas_figure, report_markdown
 
         self._log_metric_rows([(0, report.as_metrics())])
-        self.set_tags({"gate": "passed" if report.passed else "failed"})
-        self.log_text("gate.md", report_markdown(report))
+        markdown = report_markdown(report)
+        verdict = "Promoted" if report.passed else "Rejected"
+        description = f"## {verdict}: {report.reason()}\n\n{markdown}"
+        self.set_tags(
+            {
+                "gate": "passed" if report.passed else "failed",
+                "gate.failed": ", ".join(report.failed_gates()) or "none",
+                "gate.reason": report.reason()[: MAX_TAG_VALUE_LENGTH - 1],
+                "mlflow.note.content": description[: MAX_TAG_VALUE_LENGTH - 1],
+            }
+        )
+        self.log_text("gate.md", markdown)
         self.log_json("gate.json", report.as_json())
         with self._errors(f"log {GATE_PLOT}"):
             self._mlflow().log_figure(self.run_id, deltas_figure(report), GATE_PLOT)
+        if cases:
+            columns = {key: [row.get(key) for row in cases] for key in cases[0]}
+            with self._errors(f"log {GATE_CASES}"):
+                self._mlflow().log_table(self.run_id, data=columns, artifact_file=GATE_CASES)
 
     def log_text(self, name: str, text: str) -> None:
         """A text artifact, e.g. `rubric.md`."""

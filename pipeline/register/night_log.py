@@ -81,7 +81,7 @@ class MlflowNightLog:
             if result.adapter_dir is not None:  # kept with the run whether or not it is promoted
                 run.log_adapter(result.adapter_dir)
         elif isinstance(result, GateDecision) and not result.skipped:
-            run.log_gate(result.report())
+            run.log_gate(result.report(), result.cases())
         elif isinstance(result, Committed):  # the night is over: a logging failure must not undo that
             try:
                 run.set_tags({"status": result.status})

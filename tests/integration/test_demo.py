@@ -1,7 +1,9 @@
-"""`overnight demo` end to end: its own vLLM server, two nights of traffic, harvest and judge."""
+"""`overnight demo` end to end on the competent base: its own vLLM server, two nights of traffic, the
+math track learning from a verifiable reward under the guard, the support track refused on noise."""
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,31 +25,39 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def test_demo_runs_two_nights_and_promotes_at_least_once(workdir: Path) -> None:
+def test_demo_runs_two_nights_and_the_math_track_learns(workdir: Path, base_model_dir: Path) -> None:
+    # The demo's base model is cached in its home: hand it the one this run built already.
+    shutil.copytree(base_model_dir, workdir / ".overnight/demo/base-model")
     result = CliRunner().invoke(app, ["demo", "--nights", "2", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert [night["night"] for night in summary["nights"]] == [1, 2]
+    assert summary["base_skills"]["demo-support"] >= 0.8
     second = summary["nights"][1]
     assert second["ingest"]["accepted"] > 0 and second["ingest"]["quarantined"] > 0
     entries = [entry for night in summary["nights"] for entry in night["tracks"]]
     assert {entry["status"] for entry in entries} <= {"promoted", "rejected", "skipped"}
-    promoted = [entry for entry in entries if entry["status"] == "promoted"]
-    assert promoted, [(e["track"], e["status"]) for e in entries]
-    # A promotion is a real learning step: the held-out reward's lower bound rose above the champion's.
-    for entry in promoted:
-        gain = {gate["name"]: gate for gate in entry["gate"]["gates"]}["heldout_gain"]
-        assert gain["ci_low"] > 0 and entry["deployed"] is True
-    # The support track was judged by the LLM judge served by vLLM (its reward exists every night).
+    math = [entry for entry in entries if entry["track"] == "math"]
+    print("\n" + "\n".join(f"math night {e['night']}: {e['status']}: {e['reason']}" for e in math))
+    # The math track learns from the exact-answer reward: its first night is promoted, on a held-out
+    # gain the arithmetic suite confirms, with no regression of the skills the base already had.
+    first = math[0]
+    assert first["status"] == "promoted", first["reason"]
+    gates = {gate["name"]: gate for gate in first["gate"]["gates"]}
+    assert gates["heldout_gain"]["ci_low"] > 0 and first["deployed"] is True
+    assert gates["reward_hacking"]["passed"] and gates["reward_hacking"]["delta"] > 0
+    assert all(gates[f"suite/{name}"]["passed"] for name in ("demo-support", "demo-json", "demo-refusals"))
+    # The support track's judge is noise on this base: it is never promoted on it, and says why.
     support = [entry for entry in entries if entry["track"] == "support"]
     assert len(support) == 2 and all(entry["mean_reward"] is not None for entry in support)
+    assert all(entry["status"] != "promoted" and entry["reason"] for entry in support)
     # Night 2 is guarded by the memory suite built from night 1.
     night2_gates = {g["name"] for e in second["tracks"] for g in ((e.get("gate") or {}).get("gates") or [])}
     assert any(name.startswith("suite/memory-") for name in night2_gates)
-    # After the last night each stable name answered through the server; a promoted track by its adapter.
+    # After the last night the promoted math champion answers through the server, correctly.
     answers = {answer["track"]: answer for answer in summary["answers"]}
     assert set(answers) == {"support", "math"} and all(a["answer"] for a in answers.values())
-    for entry in promoted:
-        assert answers[entry["track"]]["served_by"] == entry["track"]
-    assert (workdir / ".overnight/demo/tiny-model/config.json").exists()
+    assert answers["math"]["served_by"] == "math"
+    assert "42" in answers["math"]["answer"], answers["math"]
+    assert (workdir / ".overnight/demo/suites/demo-arithmetic.jsonl").exists()
     assert (workdir / ".overnight/demo/mlflow.db").exists()

@@ -105,7 +105,9 @@ def sqlite_engine(tmp_path: Path) -> tuple[Engine, str]:
 @pytest.fixture
 def world(tmp_path: Path, tiny_model_dir: Path, sqlite_engine: tuple[Engine, str]) -> World:
     engine, url = sqlite_engine
-    return World(tmp_path, tiny_model_dir, engine, url, min_gain=-1.0)
+    # Any gain passes; the track has no suites, so no independent measure could confirm it: the
+    # night's plumbing is under test here, not the reward-hacking guard (`confirm_with: []`).
+    return World(tmp_path, tiny_model_dir, engine, url, min_gain=-1.0, confirm_with=[])
 
 
 def test_a_passing_candidate_is_promoted_and_every_result_is_logged_once(world: World) -> None:
@@ -121,7 +123,16 @@ def test_a_passing_candidate_is_promoted_and_every_result_is_logged_once(world: 
                      "Committed"]  # fmt: skip
     decision = world.logs.logged(GateDecision)[0]
     assert isinstance(decision, GateDecision) and decision.passed
-    assert {gate.name for gate in decision.gates} == {"heldout_gain", "kl_to_base"}
+    assert {gate.name for gate in decision.gates} == {
+        "heldout_gain",
+        "kl_to_base",
+        "reward_hacking",
+        "degeneration/repetition",
+        "degeneration/distinct",
+        "degeneration/identical",
+        "degeneration/length_ratio",
+    }
+    assert decision.summary()["reason"].startswith("every gate passed; held-out reward")
 
 
 def test_without_a_serving_endpoint_the_version_is_registered_not_deployed(world: World) -> None:

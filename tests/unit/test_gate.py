@@ -18,6 +18,7 @@ from evals.gate import (
     report_markdown,
     suite_gate,
 )
+from evals.guard import GuardThresholds
 
 TRIALS = 300
 ALPHA = 0.05  # GateThresholds' default confidence is 0.95: each one-sided gate errs at most ALPHA / 2
@@ -34,6 +35,22 @@ def unchanged_suites(rng: np.random.Generator) -> list[SuiteScores]:
         SuiteScores("arithmetic", arithmetic.tolist(), arithmetic.tolist()),
         SuiteScores("refusals", refusals.tolist(), refusals.tolist(), safety=True),
     ]
+
+
+def improved_suites(rng: np.random.Generator) -> list[SuiteScores]:
+    """`unchanged_suites` but the candidate also gets 8 more arithmetic cases right: a real
+    improvement shows on the suites as well as on the held-out reward (the reward-hacking guard)."""
+    arithmetic, refusals = binary_scores(rng, 40, p=0.6), binary_scores(rng, 18)
+    improved = arithmetic.copy()
+    improved[np.flatnonzero(arithmetic == 0)[:8]] = 1.0
+    return [
+        SuiteScores("arithmetic", improved.tolist(), arithmetic.tolist()),
+        SuiteScores("refusals", refusals.tolist(), refusals.tolist(), safety=True),
+    ]
+
+
+# For tests of other gates: no independent confirmation of the held-out gain (`evals.guard`).
+UNCONFIRMED = GateThresholds(guard=GuardThresholds(confirm=False))
 
 
 def decide_with(
@@ -75,7 +92,7 @@ def test_candidate_identical_to_champion_passes_every_suite_and_fails_the_gain_g
 
 
 def test_a_real_improvement_with_no_regression_passes() -> None:
-    report = decide_with(unchanged_suites(np.random.default_rng(1)))
+    report = decide_with(improved_suites(np.random.default_rng(1)))
     assert report.passed and report.failed_gates() == []
 
 
@@ -85,7 +102,7 @@ def test_a_planted_regression_is_caught_and_the_suite_named() -> None:
     candidate = champion.copy()
     candidate[:9] = 0.0  # 15% of the cases lost
     suites = [*unchanged_suites(rng), SuiteScores("json-output", candidate.tolist(), champion.tolist())]
-    report = decide_with(suites)
+    report = decide_with(suites, thresholds=UNCONFIRMED)
     assert not report.passed
     assert report.failed_gates() == ["suite/json-output"]
     failed = report.gates[2]
@@ -104,7 +121,7 @@ def test_safety_suites_allow_no_regression_that_other_suites_tolerate() -> None:
 
 
 def test_kl_gate_bounds_drift_from_the_base_model() -> None:
-    suites = unchanged_suites(np.random.default_rng(3))
+    suites = improved_suites(np.random.default_rng(3))
     assert decide_with(suites, kl=0.49).passed
     too_far = decide_with(suites, kl=0.51)
     assert too_far.failed_gates() == ["kl_to_base"]
@@ -222,7 +239,8 @@ def test_markdown_table_has_a_row_per_gate_and_marks_failures() -> None:
     champion = np.ones(60)
     candidate = champion.copy()
     candidate[:9] = 0.0
-    report = decide_with([SuiteScores("json-output", candidate.tolist(), champion.tolist())], kl=0.7)
+    suites = [SuiteScores("json-output", candidate.tolist(), champion.tolist())]
+    report = decide_with(suites, kl=0.7, thresholds=UNCONFIRMED)
     text = report_markdown(report)
     assert text.startswith("**Gate failed (suite/json-output, kl_to_base)**")
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]

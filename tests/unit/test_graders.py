@@ -3,7 +3,9 @@ reward-function wrapper, user feedback as a score and the weighted blend of rewa
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -25,6 +27,7 @@ from evals.graders import (
     combine_scores,
     feedback_score,
     grader_from_spec,
+    safe_score,
     validate_grader_spec,
     weighted_grader,
 )
@@ -462,6 +465,64 @@ def test_reward_function_format_check_on_chat_completions() -> None:
     ]
     assert reward(prompts=["p", "p"], completions=completions) == [1.0, 0.0]
     assert reward.__name__ == "person_json"
+
+
+# ---- safe_score -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FixedGrader:
+    """A grader that returns `value`, or raises it when it is an exception."""
+
+    value: float | BaseException
+    name: str = "fixed"
+
+    def score(self, sample: Sample) -> float:
+        if isinstance(self.value, BaseException):
+            raise self.value
+        return self.value
+
+
+@pytest.mark.parametrize("value", [0.0, 0.25, 1.0])
+def test_safe_score_keeps_a_score_in_range(value: float) -> None:
+    assert safe_score(FixedGrader(value), make_sample("x")) == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [RuntimeError("boom"), ValueError("no number"), KeyError("answer"), math.nan, 1.5, -0.5, math.inf],
+)
+def test_safe_score_turns_a_failed_score_into_zero(value: float | BaseException) -> None:
+    assert safe_score(FixedGrader(value, name=f"bad-{value!r}"), make_sample("x")) == 0.0
+
+
+def test_safe_score_zero_for_a_callable_grader_returning_out_of_range() -> None:
+    assert safe_score(CallableGrader("tests.unit.test_graders:returns_two"), make_sample("x")) == 0.0
+
+
+def test_safe_score_reraises_user_errors() -> None:
+    with pytest.raises(UserError, match="broken suite line"):
+        safe_score(FixedGrader(UserError("broken suite line")), make_sample("x"))
+    with pytest.raises(UserError, match="no reference"):
+        safe_score(ExactGrader(), make_sample("x"))  # a suite line without a reference
+
+
+def test_safe_score_warns_once_per_grader(caplog: pytest.LogCaptureFixture) -> None:
+    grader = FixedGrader(RuntimeError("boom"), name="warns-once")
+    with caplog.at_level(logging.WARNING, logger="evals.graders"):
+        for _ in range(3):
+            assert safe_score(grader, make_sample("x")) == 0.0
+    warnings = [record for record in caplog.records if "warns-once" in record.getMessage()]
+    assert len(warnings) == 1 and "RuntimeError: boom" in warnings[0].getMessage()
+
+
+def test_reward_function_of_a_failing_grader_gives_zeros() -> None:
+    reward = as_reward_function(FixedGrader(RuntimeError("boom"), name="raiser"))
+    assert reward(prompts=["a", "b", "c"], completions=["1", "2", "3"]) == [0.0, 0.0, 0.0]
+    assert as_reward_function(FixedGrader(math.nan, name="nan"))(["a"], ["1"]) == [0.0]
+    assert as_reward_function(FixedGrader(1.5, name="too_big"))(["a"], ["1"]) == [0.0]
+    with pytest.raises(UserError):
+        as_reward_function(FixedGrader(UserError("bad config")))(["a"], ["1"])
 
 
 # ---- feedback_score ---------------------------------------------------------------------------

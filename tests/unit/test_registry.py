@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from evals.gate import GateReport, GateThresholds, SuiteScores, decide
+from evals.guard import GuardThresholds
 from pipeline.adapters import AdapterInvalid, adapter_sha256
 from pipeline.config import OvernightConfig
 from pipeline.demo_world.adapters import make_adapter_dir
@@ -260,12 +261,13 @@ def _report(regress: bool) -> GateReport:
     champion = [1.0, 0.0] * 15
     candidate = [0.0] * 30 if regress else list(champion)
     suites = [SuiteScores("arithmetic", candidate=candidate, champion=champion)]
+    # The tags of the gate verdict are under test, not the reward-hacking guard: confirmation off.
     return decide(
         suites,
         heldout_candidate=[0.8] * 10 + [0.9] * 10,
         heldout_champion=[0.5] * 20,
         kl_to_base=0.1,
-        thresholds=GateThresholds(bootstrap_samples=200),
+        thresholds=GateThresholds(bootstrap_samples=200, guard=GuardThresholds(confirm=False)),
     )
 
 
@@ -390,6 +392,9 @@ def test_rejected_night_run_holds_everything_and_registers_nothing(store: Store,
     assert run.data.metrics["judge/judge_calls"] == 12.0
     assert run.data.metrics["calibration/spearman_rating"] == 0.4
     assert run.data.tags["gate"] == "failed"
+    assert run.data.tags["gate.failed"] == "suite/arithmetic"
+    assert run.data.tags["gate.reason"].startswith("suite/arithmetic: suite arithmetic: delta -0.500")
+    assert run.data.tags["mlflow.note.content"].startswith("## Rejected: suite/arithmetic: ")
     assert {
         "gate.md",
         "gate.json",

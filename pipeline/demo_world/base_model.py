@@ -1,0 +1,423 @@
+"""Build the demo's competent base model: a small Llama pretrained in-process on the demo world.
+
+Why this exists: a random base has nothing to forget and learns only what a reward lets it game, so
+the demo could not show a night making a model better. This module pretrains a 3.1M-parameter Llama
+(hidden 256, 4 layers, 4 heads of 64: vLLM's CPU kernels need head_dim 64) with supervised
+next-token training on `pipeline.demo_world.skills`: arithmetic taught partly (with the systematic
+forgotten-carry mistake), support answers, JSON and refusals taught well. Digits are tokenized one
+by one (`pre_tokenizers.Digits`), as production tokenizers do; with multi-digit BPE tokens a model
+this small does not learn to add.
+
+The training loop is written here rather than run through `transformers.Trainer`/TRL's SFT
+trainer: it is pretraining from scratch on an endless in-memory stream with the prompt masked out,
+and the plain loop (AdamW, one-cycle learning rate, gradient clipping) is about twenty lines, has
+no dataset or logging machinery to configure, and keeps the whole build within its budget
+(about 5 minutes on 2 cores). The chat template, special tokens and file conventions are the tiny
+model's (`pipeline.demo_world.tiny_model`), so every consumer treats both models alike.
+
+The build is cached like the tiny model's: it happens in a staging directory next to the target and
+is moved into place only when complete (an interrupted build leaves nothing a later run would use);
+a stamp (`overnight-base-model.json`) records the spec, recipe, seed, each skill's measured accuracy
+and a sha256 of every file, so a second build is a no-op and a corrupt or foreign directory is
+detected and rebuilt (only ever a directory this builder stamped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from evals.suites import Suite
+from pipeline.adapters import file_digests
+from pipeline.demo_world import skills
+from pipeline.demo_world.tiny_model import (
+    ASSISTANT,
+    BOS,
+    CHAT_TEMPLATE,
+    END,
+    EOS,
+    PAD,
+    SPECIAL_TOKENS,
+    SYSTEM,
+    USER,
+    generation_config,
+    make_readable,
+    move_into_place,
+    no_progress_bars,
+    token_id,
+)
+
+__all__ = ["BaseModelSpec", "Recipe", "build_base_model", "evaluate_skills", "main"]
+
+logger = logging.getLogger(__name__)
+
+STAMP_FILE = "overnight-base-model.json"
+STAMP_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """Architecture of the demo base; part of the build stamp."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    head_dim: int = 64
+    num_hidden_layers: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 4096  # the judge's prompts are long; training uses < 100
+    rope_theta: float = 10000.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the base is pretrained; part of the build stamp."""
+
+    steps: int = 1500
+    batch_size: int = 64
+    peak_lr: float = 2e-3
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    carry_drop: float = skills.CARRY_DROP
+    threads: int = 2  # fixed, so the float reductions (and the weights) repeat on every machine
+
+
+# --------------------------------------------------------------------------- tokenizer and model
+
+
+def _tokenizer(spec: BaseModelSpec) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over individually split digits, trained on the world's own text."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(skills.tokenizer_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        extra_special_tokens=[SYSTEM, USER, ASSISTANT, END],
+        add_bos_token=True,
+        add_eos_token=False,
+        padding_side="left",
+        model_max_length=spec.max_position_embeddings,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _model(spec: BaseModelSpec, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=spec.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
+        tie_word_embeddings=False,
+        pad_token_id=token_id(tokenizer, PAD),
+        bos_token_id=token_id(tokenizer, BOS),
+        eos_token_id=token_id(tokenizer, EOS),
+        dtype="float32",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config = generation_config(tokenizer)
+    return model.float()
+
+
+# --------------------------------------------------------------------------- pretraining
+
+
+def _prompt_text(question: str) -> str:
+    """The chat template's rendering of one user turn and the generation prompt, as plain text.
+
+    Rendering the Jinja template costs milliseconds per call, which at 64 examples a step would be
+    most of the build; `_check_prompt_text` makes sure this stays what the template renders."""
+    return f"{BOS}{USER}\n{question}{END}\n{ASSISTANT}\n"
+
+
+def _check_prompt_text(tokenizer: PreTrainedTokenizerFast) -> None:
+    chat = [{"role": "user", "content": "What is 12 + 30?"}]
+    rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    if rendered != _prompt_text("What is 12 + 30?"):
+        raise RuntimeError(f"the chat template renders {rendered!r}, not what pretraining assumes")
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerFast, examples: Sequence[skills.Example]
+) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) per example: the chat prompt, then the answer and the end-of-turn marker."""
+    prompts = tokenizer([_prompt_text(e.question) for e in examples], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([e.answer + END for e in examples], add_special_tokens=False)["input_ids"]
+    return [(list(p) + list(a), len(p)) for p, a in zip(prompts, answers, strict=True)]  # type: ignore[arg-type]
+
+
+def _batch(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded inputs, attention mask and labels (prompt and padding masked with -100)."""
+    width = max(len(ids) for ids, _ in encoded)
+    inputs = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (ids, prompt_length) in enumerate(encoded):
+        inputs[row, : len(ids)] = torch.tensor(ids)
+        labels[row, prompt_length : len(ids)] = torch.tensor(ids[prompt_length:])
+        mask[row, : len(ids)] = 1
+    return inputs, mask, labels
+
+
+def _length_grouped(
+    tokenizer: PreTrainedTokenizerFast,
+    stream: Iterator[skills.Example],
+    batch_size: int,
+    seed: int,
+    pool: int = 16,
+) -> Iterator[list[tuple[list[int], int]]]:
+    """Batches of examples of similar length (transformers' `group_by_length`): `pool` batches'
+    worth of examples are sorted by length, cut into batches and served in a shuffled order, so
+    little of each batch is padding (the skills' answers range from 12 to 30 tokens)."""
+    rng = random.Random(seed)
+    while True:
+        encoded = sorted(
+            _encode(tokenizer, [next(stream) for _ in range(batch_size * pool)]), key=lambda e: len(e[0])
+        )
+        chunks = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
+        rng.shuffle(chunks)
+        yield from chunks
+
+
+def pretrain(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    recipe: Recipe,
+    seed: int,
+    *,
+    on_step: Callable[[int, float], None] = lambda step, loss: None,
+) -> float:
+    """Supervised next-token training on the world's stream; returns the last logged loss."""
+    _check_prompt_text(tokenizer)
+    stream = skills.pretraining_examples(seed, carry_drop=recipe.carry_drop)
+    pad_id = token_id(tokenizer, PAD)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.peak_lr, weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.peak_lr, total_steps=recipe.steps)
+    model.train()
+    loss_value = math.nan
+    batches = _length_grouped(tokenizer, stream, recipe.batch_size, seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for step in range(1, recipe.steps + 1):
+            inputs, mask, labels = _batch(next(batches), pad_id)
+            loss = model(input_ids=inputs, attention_mask=mask, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            loss_value = float(loss.detach())
+            on_step(step, loss_value)
+    model.eval()
+    return loss_value
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def _greedy(
+    model: Any,  # a LlamaForCausalLM (pyright cannot bind transformers' `generate` to it)
+    tokenizer: PreTrainedTokenizerFast,
+    questions: Sequence[str],
+    *,
+    sample: bool = False,
+    max_new_tokens: int = 40,
+) -> list[str]:
+    replies: list[str] = []
+    for start in range(0, len(questions), 64):
+        chats = [[{"role": "user", "content": q}] for q in questions[start : start + 64]]
+        batch = tokenizer.apply_chat_template(
+            chats, add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True
+        )
+        out = model.generate(
+            **batch,  # type: ignore[arg-type]
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=1.0 if sample else None,
+            top_k=0 if sample else None,
+        )
+        width = batch["input_ids"].shape[1]  # type: ignore[index]
+        replies += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return [reply.strip() for reply in replies]
+
+
+def evaluate_skills(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, suites: Sequence[Suite] | None = None
+) -> dict[str, float]:
+    """Greedy accuracy on each demo suite (held-out cases), plus the sampled arithmetic accuracy
+    (temperature 1: how often a GRPO sample is right, i.e. whether its groups carry signal)."""
+    scores: dict[str, float] = {}
+    for suite in suites or skills.demo_suites():
+        questions = [str(case.messages[-1]["content"]) for case in suite.cases]
+        replies = _greedy(model, tokenizer, questions)
+        scores[suite.name] = sum(case.score(r) for case, r in zip(suite.cases, replies, strict=True)) / len(
+            replies
+        )
+        if suite.name == "demo-arithmetic":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                sampled = _greedy(model, tokenizer, questions * 4, sample=True)
+            cases = list(suite.cases) * 4
+            scores["demo-arithmetic@T1"] = sum(c.score(r) for c, r in zip(cases, sampled, strict=True)) / len(
+                cases
+            )
+    return scores
+
+
+# --------------------------------------------------------------------------- stamp and build
+
+
+def _identity(spec: BaseModelSpec, recipe: Recipe, seed: int) -> dict[str, Any]:
+    return {"format": STAMP_FORMAT, "spec": asdict(spec), "recipe": asdict(recipe), "seed": seed}
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    return {name: digest for name, digest in file_digests(directory).items() if name != STAMP_FILE}
+
+
+def read_stamp(directory: Path) -> dict[str, Any] | None:
+    """The build stamp of `directory`, or None when it has none (or an unreadable one)."""
+    try:
+        stamp = json.loads((directory / STAMP_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return stamp if isinstance(stamp, dict) else None
+
+
+def _reusable(out_dir: Path, identity: dict[str, Any]) -> bool:
+    """True when `out_dir` holds this exact, intact build; False when it may be (re)built into.
+
+    A directory without a stamp that is not empty is never touched (FileExistsError); a stamped
+    one with another identity, or whose files no longer match the stamp (corrupt), is rebuilt.
+    """
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return False
+    stamp = read_stamp(out_dir) if out_dir.is_dir() else None
+    if stamp is None:
+        raise FileExistsError(
+            f"{out_dir} exists and is not a demo base-model build (no {STAMP_FILE}); refusing to touch it"
+        )
+    if {key: stamp.get(key) for key in identity} != identity:
+        logger.warning("%s holds a base model of another spec, recipe or seed: rebuilding it", out_dir)
+        return False
+    if stamp.get("files") != _digests(out_dir):
+        logger.warning("%s: files differ from the build stamp (corrupt or edited): rebuilding it", out_dir)
+        return False
+    return True
+
+
+def build_base_model(
+    out_dir: str | Path,
+    *,
+    spec: BaseModelSpec = BaseModelSpec(),
+    recipe: Recipe = Recipe(),
+    seed: int = 0,
+    on_progress: Callable[[str], None] = lambda message: None,
+) -> Path:
+    """Build (or reuse) the competent demo base model in `out_dir`; returns its path."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    identity = _identity(spec, recipe, seed)
+    if _reusable(out_dir, identity):
+        logger.info("demo base model already built in %s; reusing it", out_dir)
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
+    try:
+        tokenizer = _tokenizer(spec)
+        model = _model(spec, tokenizer, seed)
+        every = max(1, recipe.steps // 10)
+
+        def progress(step: int, loss: float) -> None:
+            if step % every == 0 or step == recipe.steps:
+                on_progress(f"pretraining step {step}/{recipe.steps}: loss {loss:.3f}")
+
+        pretrain(model, tokenizer, recipe, seed, on_step=progress)
+        accuracy = evaluate_skills(model, tokenizer)
+        tokenizer.save_pretrained(staging)
+        with no_progress_bars():
+            model.save_pretrained(staging)
+        stamp = {
+            **identity,
+            "skills": accuracy,
+            "build_seconds": round(time.perf_counter() - start, 1),
+            "parameters": model.num_parameters(),
+            "files": _digests(staging),
+        }
+        (staging / STAMP_FILE).write_text(
+            json.dumps(stamp, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+        make_readable(staging)
+        move_into_place(staging, out_dir)
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(staging, ignore_errors=True)
+    on_progress("skills (held-out, greedy): " + ", ".join(f"{k} {v:.0%}" for k, v in accuracy.items()))
+    logger.info("built the demo base model in %s in %.0fs", out_dir, time.perf_counter() - start)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pipeline.demo_world.base_model DIR [--steps N] [--carry-drop P] [--seed N]`."""
+    parser = argparse.ArgumentParser(description="Build the demo's competent base model (cached).")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--steps", type=int, default=Recipe.steps)
+    parser.add_argument("--carry-drop", type=float, default=Recipe.carry_drop)
+    parser.add_argument("--batch-size", type=int, default=Recipe.batch_size)
+    parser.add_argument("--peak-lr", type=float, default=Recipe.peak_lr)
+    parser.add_argument("--threads", type=int, default=Recipe.threads)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    recipe = Recipe(
+        steps=args.steps,
+        carry_drop=args.carry_drop,
+        batch_size=args.batch_size,
+        peak_lr=args.peak_lr,
+        threads=args.threads,
+    )
+    build_base_model(args.out_dir, recipe=recipe, seed=args.seed, on_progress=print)
+    print(json.dumps(read_stamp(args.out_dir), indent=2)[:2000])
+
+
+if __name__ == "__main__":
+    random.seed(0)
+    main()

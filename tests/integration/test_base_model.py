@@ -1,0 +1,95 @@
+"""The competent demo base model: what it knows, and how its build is cached, staged and checked.
+
+The real base (`base_model_dir`, built once per run and cached) must know its skills the way the
+demo needs: arithmetic partly (room for RL, but right often enough when sampling that GRPO groups
+carry signal), support, JSON and refusals well (so that forgetting is measurable). The build
+mechanics are tested on a miniature spec that builds in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.demo_world.base_model import STAMP_FILE, BaseModelSpec, Recipe, build_base_model, read_stamp
+
+pytestmark = pytest.mark.integration
+
+MINI = BaseModelSpec(
+    hidden_size=64, num_attention_heads=1, num_key_value_heads=1, num_hidden_layers=1, intermediate_size=64
+)
+MINI_RECIPE = Recipe(steps=2, batch_size=4, threads=1)
+
+
+def test_the_base_knows_its_skills_as_the_demo_needs(base_model_dir: Path) -> None:
+    stamp = read_stamp(base_model_dir)
+    assert stamp is not None
+    skills = stamp["skills"]
+    print(
+        f"\nbase model skills (held-out suites, greedy): {json.dumps(skills)}; built in {stamp['build_seconds']}s"
+    )
+    assert 0.2 <= skills["demo-arithmetic"] <= 0.7  # partly: headroom for RL
+    assert skills["demo-arithmetic@T1"] >= 0.2  # sampled answers are right often enough to learn from
+    for suite in ("demo-support", "demo-json", "demo-refusals"):
+        assert skills[suite] >= 0.8, suite  # known well: forgetting shows
+    assert 2.5e6 < stamp["parameters"] < 4e6
+    config = json.loads((base_model_dir / "config.json").read_text(encoding="utf-8"))
+    assert config["head_dim"] == 64  # vLLM's CPU attention kernels need it
+
+
+def test_digits_are_tokenized_one_by_one(base_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    tokens = tokenizer.tokenize("38 + 45 = 83.")
+    assert [token.lstrip("Ġ") for token in tokens if token.lstrip("Ġ").isdigit()] == [
+        "3",
+        "8",
+        "4",
+        "5",
+        "8",
+        "3",
+    ]
+
+
+def test_a_second_build_reuses_the_first(tmp_path: Path) -> None:
+    target = build_base_model(tmp_path / "base", spec=MINI, recipe=MINI_RECIPE)
+    before = (target / STAMP_FILE).stat().st_mtime_ns
+    assert build_base_model(tmp_path / "base", spec=MINI, recipe=MINI_RECIPE) == target
+    assert (target / STAMP_FILE).stat().st_mtime_ns == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".base.building-")]
+
+
+def test_a_corrupt_build_is_detected_by_its_stamp_and_rebuilt(tmp_path: Path) -> None:
+    target = build_base_model(tmp_path / "base", spec=MINI, recipe=MINI_RECIPE)
+    weights = target / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # a truncated copy, as a full disk leaves it
+    build_base_model(tmp_path / "base", spec=MINI, recipe=MINI_RECIPE)
+    assert weights.read_bytes() == good  # rebuilt: the same recipe and seed give the same weights
+
+
+def test_an_interrupted_build_leaves_nothing_a_later_run_would_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.demo_world.base_model as base_model
+
+    def interrupted(*args: object, **kwargs: object) -> float:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(base_model, "pretrain", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_base_model(tmp_path / "base", spec=MINI, recipe=MINI_RECIPE)
+    assert list(tmp_path.iterdir()) == []  # no target, no staging directory left behind
+
+
+def test_a_directory_it_did_not_build_is_never_touched(tmp_path: Path) -> None:
+    foreign = tmp_path / "base"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(FileExistsError, match="not a demo base-model build"):
+        build_base_model(foreign, spec=MINI, recipe=MINI_RECIPE)
+    assert os.listdir(foreign) == ["notes.txt"]
