@@ -234,7 +234,7 @@ def suite_gate(scores: SuiteScores, thresholds: GateThresholds) -> GateResult:
     reason = (
         f"{what} {scores.suite}: delta {interval.mean_delta:+.3f} [{_number(interval.low)}, "
         f"{_number(interval.high)}] {'>=' if passed else '<'} margin {threshold:+.3f}"
-        + ("" if passed else " (a regression: the candidate forgot)")
+        + ("" if passed else " (a regression larger than the margin cannot be ruled out)")
     )
     return GateResult(
         name=f"{SUITE_GATE_PREFIX}{scores.suite}",

@@ -52,7 +52,7 @@ SUITE_FILES = {
     name: f"suites/{name}.jsonl" for name in ("demo-arithmetic", "demo-support", "demo-json", "demo-refusals")
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MATH_STEPS = 100  # GRPO steps per night on the math track (about 2 steps a second on 2 cores)
+MATH_STEPS = 60  # GRPO steps per night on the math track at most (about 1 step a second on 2 cores)
 QUESTIONS = {
     "support": "How do I reset my password?",
     "math": "What is 12 + 30?",
@@ -66,7 +66,7 @@ def demo_settings(port: int) -> dict[str, Any]:
     .overnight/demo/overnight.yaml status` works from any directory, and the home can be moved.
     """
     train = {
-        "learning_rate": 1e-3,
+        "learning_rate": 2e-3,
         "temperature": 1.0,
         "beta": 0.0,
         "kl_budget": 5.0,
@@ -77,7 +77,9 @@ def demo_settings(port: int) -> dict[str, Any]:
         "max_wall_seconds": 240,
         "lora": {"rank": 8, "alpha": 16, "target_modules": LORA_TARGETS},
     }
-    gate = {"temperature": 0.0, "max_new_tokens": 32, "max_kl_to_base": 20.0}
+    # Greedy replies; a 60-case suite resolves about 0.05 (one case of 60 is 0.017, and its interval
+    # reaches -0.05), so that is the margin: one flipped case passes, two do not.
+    gate = {"temperature": 0.0, "max_new_tokens": 32, "max_kl_to_base": 20.0, "tolerance": 0.05}
     return {
         "home": ".",
         "database": {"url": "sqlite:///overnight.db"},
@@ -115,7 +117,8 @@ def demo_settings(port: int) -> dict[str, Any]:
                 "train": {
                     "max_steps": MATH_STEPS,
                     "max_prompts": 240,
-                    "max_completion_tokens": 12,
+                    "epochs": 3,
+                    "max_completion_tokens": 16,
                     "prompts_per_step": 8,
                     "num_generations": 8,
                 },

@@ -100,6 +100,7 @@ class TrainConfig(Section):
     num_generations: int = Field(default=4, ge=2)  # completions per prompt (the GRPO group)
     prompts_per_step: int = Field(default=4, ge=1)  # prompts in one optimisation step
     max_prompts: int = Field(default=256, ge=1)  # training prompts selected per night
+    epochs: int = Field(default=1, ge=1, le=20)  # passes over the night's training prompts
     max_completion_tokens: int = Field(default=64, ge=1)
     temperature: float = Field(default=1.0, gt=0)  # sampling temperature during training rollouts
     heldout_fraction: float = Field(default=0.2, gt=0, lt=1)  # share of selected prompts kept for the gate

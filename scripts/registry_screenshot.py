@@ -153,6 +153,26 @@ def warm_up(url: str, model: str) -> None:
         raise SystemExit(f"{model}: not in this store ({response.status_code}: {response.text[:200]})")
 
 
+def night_run(store: str, track: str, verdict: str) -> str:
+    """`<experiment id>/runs/<run id>` of the track's latest night whose gate `verdict` was reached."""
+    from pipeline.register.mlflow_run import mlflow_client
+
+    client = mlflow_client(store)
+    experiment = client.get_experiment_by_name(f"overnight-{track}")
+    if experiment is None:
+        raise SystemExit(f"no experiment overnight-{track} in {store}")
+    gate = "passed" if verdict == "promoted" else "failed"
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.gate = '{gate}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        raise SystemExit(f"no {verdict} night of {track} in {store}")
+    return f"{experiment.experiment_id}/runs/{runs[0].info.run_id}"
+
+
 def screenshot(url: str, out: Path, *, width: int, height: int, budget_ms: int) -> None:
     """Headless Chromium renders the page (the UI is a React app: a virtual-time budget lets it load)."""
     browser = shutil.which(CHROMIUM)
@@ -209,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--track", default="support")
     parser.add_argument("--model", help="registered model (default overnight-<track>)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "registry.png", help="the model page")
+    parser.add_argument(
+        "--run",
+        choices=("rejected", "promoted"),
+        help="screenshot the track's latest rejected (or promoted) night run's overview page instead",
+    )
     parser.add_argument("--width", type=int, default=1800)
     parser.add_argument("--height", type=int, default=1300)
     parser.add_argument("--budget-ms", type=int, default=20000, help="virtual time the page gets to render")
@@ -225,8 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error("give --store and --artifacts, or --seed")
         with mlflow_server(store, artifacts, scratch / "server.log") as url:
-            warm_up(url, model)
-            page = f"{url}/#/models/{model}"
+            if args.run:
+                page = f"{url}/#/experiments/{night_run(store, args.track, args.run)}"
+            else:
+                warm_up(url, model)
+                page = f"{url}/#/models/{model}"
             logger.info("rendering %s", page)
             screenshot(page, args.out, width=args.width, height=args.height, budget_ms=args.budget_ms)
     finish_png(args.out)

@@ -128,21 +128,27 @@ def gate(
         return
     verdict = "[green]passed[/green]" if payload["passed"] else "[red]refused[/red]"
     stdout.print(gate_table(payload, f"{track}: {candidate} {verdict} ({payload['backend']})"))
-    stdout.print(f"report: {report_dir}/gate.md, plot: {report_dir}/gate_deltas.png")
+    stdout.print(f"why: {payload['reason']}")
+    stdout.print(
+        f"report: {report_dir}/gate.md, plot: {report_dir}/gate_deltas.png, replies: {report_dir}/cases.jsonl"
+    )
 
 
 @app.command()
 def demo(
     ctx: typer.Context,
-    nights: Annotated[int, typer.Option("--nights", min=1, max=30, help="Nights to simulate.")] = 1,
+    nights: Annotated[int, typer.Option("--nights", min=1, max=30, help="Nights to simulate.")] = 3,
     rows: Annotated[int, typer.Option("--rows", min=10, help="Synthetic interactions per night.")] = 600,
     json_output: JsonFlag = False,
 ) -> None:
-    """Run the whole loop on embedded defaults: a tiny local model served by a local vLLM server,
-    synthetic traffic, SQLite, local MLflow, an ephemeral Prefect API, all under [b].overnight/demo/[/b].
+    """Run the whole loop on embedded defaults: a small local model that knows some arithmetic,
+    support answers, JSON and refusals (built once, about 5 minutes, then cached), served by a local
+    vLLM server, with synthetic traffic, SQLite, local MLflow and an ephemeral Prefect API, all under
+    [b].overnight/demo/[/b].
 
-    Each night: generate the day's traffic for the tracks [i]support[/i] (LLM judge) and [i]math[/i]
-    (a programmatic grader the tiny model can learn), ingest it, and run the nightly flow: harvest,
+    Each night: generate the day's traffic for the tracks [i]math[/i] (rewarded by the exact answer,
+    its gain confirmed by the arithmetic suite) and [i]support[/i] (rewarded by the LLM judge, which
+    on this base is noise, so its gate refuses it), ingest it, and run the nightly flow: harvest,
     judge, select, bounded GRPO LoRA update, forgetting guard, MLflow registration, hot-swap into
     the server. Then ask each track's stable name a question. The server is stopped on the way out,
     Ctrl-C included.
@@ -155,6 +161,8 @@ def demo(
         print_json(summary)
         return
     stdout.print(f"[dim]{summary['note']}[/dim]")
+    skills = ", ".join(f"{name} {value:.0%}" for name, value in summary["base_skills"].items())
+    stdout.print(f"base model's skills (held-out suites, greedy; @T1: sampled): {skills}")
     for night in summary["nights"]:
         ingest = night["ingest"]
         stdout.print(

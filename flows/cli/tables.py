@@ -59,7 +59,7 @@ def night_table(entries: list[dict[str, Any]], title: str) -> Table:
 
 
 def gate_table(report: dict[str, Any], title: str) -> Table:
-    table = Table("gate", "passed", "metric", "Δ vs champion", "CI", "threshold", "n", title=title)
+    table = Table("gate", "passed", "metric", "Δ vs champion", "CI", "threshold", "n", "reason", title=title)
     for gate in report["gates"]:
         low, high = gate.get("ci_low"), gate.get("ci_high")
         interval = "-" if gate.get("delta") is None else f"[{fmt(low)}, {fmt(high)}]"
@@ -71,6 +71,7 @@ def gate_table(report: dict[str, Any], title: str) -> Table:
             interval,
             fmt(gate.get("threshold")),
             fmt(gate.get("n")),
+            "" if gate["passed"] else gate.get("reason", ""),
         )
     return table
 

@@ -32,7 +32,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,7 @@ class BaseModelSpec:
 class Recipe:
     """How the base is pretrained; part of the build stamp."""
 
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 64
     peak_lr: float = 2e-3
     weight_decay: float = 0.01
@@ -194,26 +194,6 @@ def _batch(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[torch
     return inputs, mask, labels
 
 
-def _length_grouped(
-    tokenizer: PreTrainedTokenizerFast,
-    stream: Iterator[skills.Example],
-    batch_size: int,
-    seed: int,
-    pool: int = 16,
-) -> Iterator[list[tuple[list[int], int]]]:
-    """Batches of examples of similar length (transformers' `group_by_length`): `pool` batches'
-    worth of examples are sorted by length, cut into batches and served in a shuffled order, so
-    little of each batch is padding (the skills' answers range from 12 to 30 tokens)."""
-    rng = random.Random(seed)
-    while True:
-        encoded = sorted(
-            _encode(tokenizer, [next(stream) for _ in range(batch_size * pool)]), key=lambda e: len(e[0])
-        )
-        chunks = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
-        rng.shuffle(chunks)
-        yield from chunks
-
-
 def pretrain(
     model: LlamaForCausalLM,
     tokenizer: PreTrainedTokenizerFast,
@@ -230,11 +210,14 @@ def pretrain(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.peak_lr, total_steps=recipe.steps)
     model.train()
     loss_value = math.nan
-    batches = _length_grouped(tokenizer, stream, recipe.batch_size, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for step in range(1, recipe.steps + 1):
-            inputs, mask, labels = _batch(next(batches), pad_id)
+            # Mixed batches, not length-grouped: grouping by length makes batches of one skill each,
+            # and those pull the weights back and forth (measured: arithmetic never learned).
+            inputs, mask, labels = _batch(
+                _encode(tokenizer, [next(stream) for _ in range(recipe.batch_size)]), pad_id
+            )
             loss = model(input_ids=inputs, attention_mask=mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -304,7 +287,18 @@ def evaluate_skills(
 
 
 def _identity(spec: BaseModelSpec, recipe: Recipe, seed: int) -> dict[str, Any]:
-    return {"format": STAMP_FORMAT, "spec": asdict(spec), "recipe": asdict(recipe), "seed": seed}
+    world = {
+        "version": skills.WORLD_VERSION,
+        "mixture": [list(pair) for pair in skills.MIXTURE],
+        "heldout_share": skills.HELDOUT_SHARE,
+    }
+    return {
+        "format": STAMP_FORMAT,
+        "spec": asdict(spec),
+        "recipe": asdict(recipe),
+        "world": world,
+        "seed": seed,
+    }
 
 
 def _digests(directory: Path) -> dict[str, str]:

@@ -4,15 +4,15 @@ A base model that knows nothing has nothing to forget, and a reward it can game 
 (the first demo's "107 107 107"). So the demo's base is pretrained on a small synthetic world with
 four skills, each in the project's chat format:
 
-- **arithmetic**: "What is A + B?" / "What is A - B?" (A, B in 0..99, no negative results),
-  answered "A + B = C.". Taught only *partly*, the way human-written data teaches it: in a share of
+- **arithmetic**: "What is A + B?" (A, B in 0..99; "A - B" is supported but not taught, see
+  `OPERATIONS`), answered "A + B = C.". Taught only *partly*, the way human-written data teaches it: in a share of
   the examples with a carry (or a borrow) the written answer forgets it (`CARRY_DROP`), a systematic
   mistake the base then makes about as often. Its greedy answers are right on most problems without
   a carry and on some with one, so sampled answers to the same question disagree, and a verifiable
   exact-answer reward has something to reinforce (GRPO's setting);
 - **support** for the demo's product (Nimbus Notes): intents with a canonical answer and many
   paraphrases of the question;
-- **json**: an order described in words, answered as one JSON object;
+- **json**: an order's number and status, answered as one JSON object;
 - **refusals**: unsafe requests, answered with a refusal.
 
 Problems are split by a keyed hash of their content: `HELDOUT_SHARE` of all arithmetic problems (and
@@ -42,6 +42,7 @@ __all__ = [
     "HELDOUT_SHARE",
     "REFUSAL",
     "SKILLS",
+    "WORLD_VERSION",
     "Example",
     "Problem",
     "demo_suites",
@@ -53,6 +54,9 @@ __all__ = [
     "tokenizer_corpus",
 ]
 
+# Bump when the pretraining data or the suites change: the base model's build stamp records it, so
+# a cached base built from other data is rebuilt.
+WORLD_VERSION = 1
 # Share of the examples with a carry or borrow whose written answer forgets it. The base then
 # answers such problems wrong about this often; > 0.5 makes the mistake its greedy answer.
 CARRY_DROP = 0.6
@@ -61,7 +65,12 @@ HELDOUT_SHARE = 0.2
 REFUSAL = "I can't help with that. It could hurt people, so I won't give instructions for it."
 SKILLS = ("arithmetic", "support", "json", "refusals")
 # Question forms of the arithmetic skill; the demo's math traffic asks in the same forms.
-ARITHMETIC_FORMS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?", "what's {a}{op}{b}")
+# The operations taught. Subtraction ("A - B", with the forgotten borrow) is supported throughout but
+# not taught: with it, a 3M-parameter model needs about twice the pretraining steps before column
+# arithmetic "clicks" (measured: 6% held-out accuracy after 1,000 arithmetic steps of both, where
+# addition alone is past 80%), which the build's time budget does not allow.
+OPERATIONS = "+"
+ARITHMETIC_FORMS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?")
 
 
 @dataclass(frozen=True)
@@ -130,10 +139,10 @@ def _digits(number: int) -> tuple[int, int]:
 
 
 def all_problems() -> Iterator[Problem]:
-    """Every problem of the skill: A + B and A - B (A >= B) with A, B in 0..99."""
+    """Every problem of the skill: A + B (and A - B with A >= B when taught) with A, B in 0..99."""
     for a, b in product(range(100), repeat=2):
         yield Problem(a, "+", b)
-        if a >= b:
+        if a >= b and "-" in OPERATIONS:
             yield Problem(a, "-", b)
 
 
@@ -143,12 +152,14 @@ def _problem_key(problem: Problem) -> tuple[object, ...]:
 
 @functools.cache
 def _suite_problems() -> tuple[Problem, ...]:
-    """The arithmetic suite's 100 problems (50 of each operation), all held out from pretraining."""
+    """The arithmetic suite's 100 problems (as many of each taught operation), all held out from
+    pretraining."""
     heldout = [p for p in all_problems() if is_heldout(*_problem_key(p))]
     rng = random.Random(4242)
-    adds = [p for p in heldout if p.op == "+"]
-    subs = [p for p in heldout if p.op == "-"]
-    return tuple(sorted(rng.sample(adds, 50) + rng.sample(subs, 50), key=lambda p: (p.op, p.a, p.b)))
+    chosen = [
+        p for op in OPERATIONS for p in rng.sample([p for p in heldout if p.op == op], 100 // len(OPERATIONS))
+    ]
+    return tuple(sorted(chosen, key=lambda p: (p.op, p.a, p.b)))
 
 
 @functools.cache
@@ -161,7 +172,7 @@ def math_problem(rng: random.Random) -> Problem:
     suite = _suite_set()
     while True:
         a, b = rng.randint(0, 99), rng.randint(0, 99)
-        op = rng.choice("+-")
+        op = rng.choice(OPERATIONS)
         if op == "-" and a < b:
             a, b = b, a
         problem = Problem(a, op, b)
@@ -172,7 +183,7 @@ def math_problem(rng: random.Random) -> Problem:
 def _arithmetic_example(rng: random.Random, carry_drop: float) -> Example:
     while True:
         a, b = rng.randint(0, 99), rng.randint(0, 99)
-        op = rng.choice("+-")
+        op = rng.choice(OPERATIONS)
         if op == "-" and a < b:
             a, b = b, a
         problem = Problem(a, op, b)
@@ -347,27 +358,23 @@ def _support_variants() -> list[tuple[Intent, str]]:
 
 # --------------------------------------------------------------------------- json
 
-_CUSTOMERS = (
-    "Alice", "Bob", "Chloe", "Diego", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas",
-    "Kofi", "Lena", "Maya", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tara", "Zoe",
-)  # fmt: skip
 _STATUSES = ("pending", "shipped", "delivered", "refunded", "cancelled")
 _JSON_FORMS = (
-    "Order {order} for {name} is {status}. Reply with JSON only.",
-    "Return a JSON object for order {order}: customer {name}, status {status}.",
-    "As JSON please: order {order}, {name}, {status}.",
+    "Order {order} is {status}. JSON only.",
+    "JSON for order {order}, status {status}.",
+    "As JSON please: order {order}, {status}.",
 )
 
 
-def _json_answer(order: int, name: str, status: str) -> str:
-    return json.dumps({"order": order, "customer": name, "status": status})
+def _json_answer(order: int, status: str) -> str:
+    return json.dumps({"order": order, "status": status})
 
 
-def _json_schema(order: int, name: str, status: str) -> dict[str, object]:
+def _json_schema(order: int, status: str) -> dict[str, object]:
     return {
         "type": "object",
-        "properties": {"order": {"const": order}, "customer": {"const": name}, "status": {"const": status}},
-        "required": ["order", "customer", "status"],
+        "properties": {"order": {"const": order}, "status": {"const": status}},
+        "required": ["order", "status"],
         "additionalProperties": False,
     }
 
@@ -424,11 +431,12 @@ def _support_example(rng: random.Random, variants: Sequence[tuple[Intent, str]])
 
 def _json_example(rng: random.Random) -> Example:
     while True:
-        order, name, status = rng.randint(10_000, 99_999), rng.choice(_CUSTOMERS), rng.choice(_STATUSES)
+        order, status = rng.randint(10_000, 99_999), rng.choice(_STATUSES)
         if not is_heldout("json", order):
             break
-    text = rng.choice(_JSON_FORMS).format(order=order, name=name, status=status)
-    return Example("json", text, _json_answer(order, name, status))
+    return Example(
+        "json", rng.choice(_JSON_FORMS).format(order=order, status=status), _json_answer(order, status)
+    )
 
 
 def _refusal_variants() -> list[tuple[str, str]]:
@@ -440,8 +448,9 @@ def _refusal_example(rng: random.Random, variants: Sequence[tuple[str, str]]) ->
     return Example("refusals", text, REFUSAL)
 
 
-# Share of each skill in the pretraining stream (arithmetic needs by far the most steps).
-MIXTURE = (("arithmetic", 0.6), ("support", 0.22), ("json", 0.1), ("refusals", 0.08))
+# Share of each skill in the pretraining stream: arithmetic needs by far the most steps; support
+# and refusals are learned in a few dozen, JSON (copying a 5-digit order number) in about a hundred.
+MIXTURE = (("arithmetic", 0.8), ("support", 0.05), ("json", 0.11), ("refusals", 0.04))
 
 
 def pretraining_examples(seed: int, *, carry_drop: float = CARRY_DROP) -> Iterator[Example]:
@@ -465,9 +474,8 @@ def tokenizer_corpus() -> list[str]:
     lines = [problem.answer() for problem in list(all_problems())[:2000:7]]
     lines += [form.format(a=12, op=op, b=30) for form in ARITHMETIC_FORMS for op in "+-"]
     lines += [text for _, text in _support_variants()] + [intent.answer for intent in INTENTS]
-    lines += [form.format(order=12345, name=name, status=status) for form in _JSON_FORMS
-              for name in _CUSTOMERS for status in _STATUSES]  # fmt: skip
-    lines += [_json_answer(12345, name, status) for name in _CUSTOMERS for status in _STATUSES]
+    lines += [form.format(order=12345, status=status) for form in _JSON_FORMS for status in _STATUSES] * 4
+    lines += [_json_answer(12345, status) for status in _STATUSES] * 4
     lines += [text for _, text in _refusal_variants()] + [REFUSAL]
     return lines
 
@@ -514,12 +522,12 @@ def demo_suites() -> list[Suite]:
     rng = random.Random("json-suite")
     json_cases = []
     while len(json_cases) < 40:
-        order, name, status = rng.randint(10_000, 99_999), rng.choice(_CUSTOMERS), rng.choice(_STATUSES)
+        order, status = rng.randint(10_000, 99_999), rng.choice(_STATUSES)
         if is_heldout("json", order):
-            text = rng.choice(_JSON_FORMS).format(order=order, name=name, status=status)
-            grader = {"type": "json_schema", "schema": _json_schema(order, name, status)}
+            text = rng.choice(_JSON_FORMS).format(order=order, status=status)
+            grader = {"type": "json_schema", "schema": _json_schema(order, status)}
             json_cases.append(
-                _case(f"order-{order}", text, grader, ["json", "format"], _json_answer(order, name, status))
+                _case(f"order-{order}", text, grader, ["json", "format"], _json_answer(order, status))
             )
     refusals = [
         _case(

@@ -373,7 +373,10 @@ class NightRun:
         if cases:
             columns = {key: [row.get(key) for row in cases] for key in cases[0]}
             with self._errors(f"log {GATE_CASES}"):
-                self._mlflow().log_table(self.run_id, data=columns, artifact_file=GATE_CASES)
+                client = self._mlflow()
+                # log_table appends to an existing table: a resumed night must not log its cases twice.
+                if GATE_CASES not in {item.path for item in client.list_artifacts(self.run_id, "gate")}:
+                    client.log_table(self.run_id, data=columns, artifact_file=GATE_CASES)
 
     def log_text(self, name: str, text: str) -> None:
         """A text artifact, e.g. `rubric.md`."""

@@ -64,9 +64,9 @@ def batch_layout(prompts_per_step: int, num_generations: int, num_processes: int
     return layout
 
 
-def planned_steps(num_prompts: int, prompts_per_step: int, max_steps: int) -> int:
-    """Steps in one pass over the night's prompts, capped at `max_steps` (each prompt is used once)."""
-    return min(max_steps, num_prompts // prompts_per_step)
+def planned_steps(num_prompts: int, prompts_per_step: int, max_steps: int, epochs: int = 1) -> int:
+    """Steps in `epochs` passes over the night's prompts, capped at `max_steps`."""
+    return min(max_steps, num_prompts // prompts_per_step * epochs)
 
 
 # --------------------------------------------------------------------------- per-step metrics

@@ -394,7 +394,9 @@ class GrpoRecipe:
             raise ValueError(f"{len(reward_weights)} reward weights for {len(reward_funcs)} reward functions")
         self.prompts = list(prompts)[: settings.max_prompts]
         layout = batch_layout(settings.prompts_per_step, settings.num_generations, self.state.num_processes)
-        self.max_steps = planned_steps(len(self.prompts), settings.prompts_per_step, settings.max_steps)
+        self.max_steps = planned_steps(
+            len(self.prompts), settings.prompts_per_step, settings.max_steps, settings.epochs
+        )
         candidate = self.out_dir / ADAPTER_DIR
         if self.champion is not None and self.champion.resolve() == candidate.resolve():
             raise ValueError(
@@ -445,7 +447,8 @@ class GrpoRecipe:
                 max_steps=self.max_steps,
                 reward_weights=reward_weights,
             ),
-            train_dataset=prompt_dataset(self.prompts),
+            # `epochs` passes: the prompts repeated (the trainer's sampler shuffles them).
+            train_dataset=prompt_dataset(self.prompts * settings.epochs),
             processing_class=tokenizer,
             peft_config=lora_config(settings.lora) if self.champion is None else None,
             callbacks=[self.bounds],

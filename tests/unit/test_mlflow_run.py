@@ -93,3 +93,37 @@ def test_a_refused_write_is_one_line_naming_the_store(night: NightRun) -> None:
         assert "\n" not in str(caught.value)
     with pytest.raises(TrackingError, match="could not resume run"):
         NightRun(night.tracking_uri, night.experiment_name, "again").resume("0" * 32)
+
+
+def test_the_gate_is_reviewable_on_the_run_page_and_its_cases_are_a_table(
+    night: NightRun, tmp_path: Path
+) -> None:
+    from evals.gate import GateThresholds, SuiteScores, decide
+
+    champion = [1.0] * 30 + [0.0] * 10
+    report = decide(
+        [SuiteScores("arithmetic", candidate=[0.0] * 10 + champion[10:], champion=champion)],
+        heldout_candidate=[1.0] * 40,
+        heldout_champion=[0.0] * 40,
+        kl_to_base=0.1,
+        thresholds=GateThresholds(),
+    )
+    cases = [
+        {"suite": "arithmetic", "case": f"c{i}", "prompt": f"What is {i} + 1?", "champion": f"{i} + 1 = {i + 1}.",
+         "candidate": "107 107 107", "champion_score": 1.0, "candidate_score": 0.0}
+        for i in range(3)
+    ]  # fmt: skip
+    with night:
+        night.log_gate(report, cases)
+        night.log_gate(report, cases)  # a resumed night logs its gate again: the table is not doubled
+
+    client = mlflow_client(night.tracking_uri)
+    tags = client.get_run(night.run_id).data.tags
+    assert tags["gate"] == "failed" and "suite/arithmetic" in tags["gate.failed"]
+    assert tags["gate.reason"] == report.reason() and tags["gate.reason"].startswith("suite/arithmetic: ")
+    description = tags["mlflow.note.content"]
+    assert description.startswith("## Rejected: suite/arithmetic") and "| gate | result |" in description
+    path = Path(client.download_artifacts(night.run_id, "gate/cases.json", str(tmp_path / "download")))
+    table = json.loads(path.read_text())
+    assert table["columns"][:5] == ["suite", "case", "prompt", "champion", "candidate"]
+    assert [row[4] for row in table["data"]] == ["107 107 107"] * 3

@@ -11,6 +11,7 @@ from itertools import islice
 
 import pytest
 
+from pipeline.demo_world import skills
 from pipeline.demo_world.skills import (
     CARRY_DROP,
     SKILLS,
@@ -144,13 +145,13 @@ def test_math_traffic_is_held_out_and_never_a_suite_problem() -> None:
     suite = suite_problems()
     assert all(is_heldout_problem(problem) for problem in suite)
     rng = random.Random(0)
-    problems = [math_problem(rng) for _ in range(50)]  # each call rebuilds the suite: ~70 ms
+    problems = [math_problem(rng) for _ in range(50)]
     for problem in problems:
         assert is_heldout_problem(problem), problem
         assert problem not in suite, problem
         assert 0 <= problem.a <= 99 and 0 <= problem.b <= 99 and problem.result >= 0
     assert len(set(problems)) > 40
-    assert {problem.op for problem in problems} == {"+", "-"}
+    assert {problem.op for problem in problems} == set(skills.OPERATIONS)
     assert [math_problem(random.Random(5)) for _ in range(3)] == [math_problem(random.Random(5))] * 3
 
 

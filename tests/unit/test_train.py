@@ -90,9 +90,10 @@ def test_batch_layout_refuses_an_uneven_split_and_groups_of_one() -> None:
         batch_layout(prompts_per_step=4, num_generations=1, num_processes=1)
 
 
-def test_planned_steps_is_one_pass_over_the_prompts_capped_at_max_steps() -> None:
+def test_planned_steps_is_epochs_passes_over_the_prompts_capped_at_max_steps() -> None:
     assert planned_steps(num_prompts=100, prompts_per_step=8, max_steps=40) == 12
     assert planned_steps(num_prompts=1000, prompts_per_step=8, max_steps=40) == 40
+    assert planned_steps(num_prompts=100, prompts_per_step=8, max_steps=40, epochs=3) == 36
     assert planned_steps(num_prompts=7, prompts_per_step=8, max_steps=40) == 0
 
 
