@@ -39,14 +39,19 @@ def test_demo_runs_two_nights_and_the_math_track_learns(workdir: Path, base_mode
     assert {entry["status"] for entry in entries} <= {"promoted", "rejected", "skipped"}
     math = [entry for entry in entries if entry["track"] == "math"]
     print("\n" + "\n".join(f"math night {e['night']}: {e['status']}: {e['reason']}" for e in math))
-    # The math track learns from the exact-answer reward: its first night is promoted, on a held-out
-    # gain the arithmetic suite confirms, with no regression of the skills the base already had.
-    first = math[0]
-    assert first["status"] == "promoted", first["reason"]
-    gates = {gate["name"]: gate for gate in first["gate"]["gates"]}
-    assert gates["heldout_gain"]["ci_low"] > 0 and first["deployed"] is True
-    assert gates["reward_hacking"]["passed"] and gates["reward_hacking"]["delta"] > 0
-    assert all(gates[f"suite/{name}"]["passed"] for name in ("demo-support", "demo-json", "demo-refusals"))
+    # The math track learns from the exact-answer reward: a night is promoted on a held-out gain the
+    # arithmetic suite confirms, with no regression of the skills the base already had.
+    promoted = [entry for entry in math if entry["status"] == "promoted"]
+    assert promoted, [entry["reason"] for entry in math]
+    for entry in promoted:
+        gates = {gate["name"]: gate for gate in entry["gate"]["gates"]}
+        assert gates["heldout_gain"]["ci_low"] > 0 and entry["deployed"] is True
+        assert gates["reward_hacking"]["passed"] and gates["reward_hacking"]["delta"] > 0
+        assert all(
+            gates[f"suite/{name}"]["passed"] for name in ("demo-support", "demo-json", "demo-refusals")
+        )
+    # A refused night names the gate and says why.
+    assert all(entry["reason"].split(":")[0] for entry in math if entry["status"] == "rejected")
     # The support track's judge is noise on this base: it is never promoted on it, and says why.
     support = [entry for entry in entries if entry["track"] == "support"]
     assert len(support) == 2 and all(entry["mean_reward"] is not None for entry in support)

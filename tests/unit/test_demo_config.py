@@ -1,0 +1,27 @@
+"""The demo's embedded config: valid, file-relative, and wired to the suites and rewards it writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows.demo import SUITE_FILES, prepare_home
+from pipeline.demo_world import skills
+
+
+def test_the_demo_home_holds_its_suites_and_a_config_that_names_them(tmp_path: Path) -> None:
+    home = tmp_path / "demo"
+    (home / "base-model").mkdir(parents=True)
+    (home / "stale.txt").write_text("from an earlier run", encoding="utf-8")
+    path, config = prepare_home(home, port=8123)
+    assert sorted(p.name for p in home.iterdir()) == ["base-model", "overnight.yaml", "suites"]
+    assert {p.name for p in (home / "suites").iterdir()} == {Path(f).name for f in SUITE_FILES.values()}
+    math = config.track("math")
+    assert math.reward.judge == 0.0 and math.reward.graders == [{"type": "arithmetic", "weight": 1.0}]
+    assert config.gate_for("math").confirm_with == ["demo-arithmetic"]
+    assert all(Path(suite).is_file() for suite in math.suites)  # resolved against the file's directory
+    assert config.serving.base_model == str(home / "base-model")
+    # The suites written are the world's, case for case.
+    from evals.suites import load_suite
+
+    written = load_suite(home / SUITE_FILES["demo-arithmetic"])
+    assert [case.id for case in written.cases] == [case.id for case in skills.demo_suites()[0].cases]
