@@ -12,7 +12,7 @@ def test_the_demo_home_holds_its_suites_and_a_config_that_names_them(tmp_path: P
     home = tmp_path / "demo"
     (home / "base-model").mkdir(parents=True)
     (home / "stale.txt").write_text("from an earlier run", encoding="utf-8")
-    path, config = prepare_home(home, port=8123)
+    _, config = prepare_home(home, port=8123)
     assert sorted(p.name for p in home.iterdir()) == ["base-model", "overnight.yaml", "suites"]
     assert {p.name for p in (home / "suites").iterdir()} == {Path(f).name for f in SUITE_FILES.values()}
     math = config.track("math")
