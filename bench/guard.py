@@ -84,9 +84,9 @@ def candidates(base: Path, scratch: Path) -> dict[str, tuple[Path, str, bool]]:
             "exact",
             False,
         ),
-        "regression-mild": (planted.damaged_adapter(str(base), scratch / "mild", b_std=0.02), "exact", False),
+        "regression-mild": (planted.damaged_adapter(str(base), scratch / "mild", b_std=0.15), "exact", False),
         "regression-strong": (
-            planted.damaged_adapter(str(base), scratch / "strong", b_std=0.05),
+            planted.damaged_adapter(str(base), scratch / "strong", b_std=0.3),
             "exact",
             False,
         ),

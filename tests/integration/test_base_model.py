@@ -93,3 +93,33 @@ def test_a_directory_it_did_not_build_is_never_touched(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="not a demo base-model build"):
         build_base_model(foreign, spec=MINI, recipe=MINI_RECIPE)
     assert os.listdir(foreign) == ["notes.txt"]
+
+
+def test_a_planted_regression_of_the_base_is_refused_naming_the_suites(
+    base_model_dir: Path, tmp_path: Path
+) -> None:
+    """A candidate that forgot (LoRA weights of noise, `planted.damaged_adapter`) is refused on the
+    very suites that measure the base's skills, each named; measured: every suite fell by 0.2-0.3."""
+    from evals.gate import GateThresholds
+    from pipeline.demo_world import planted, skills
+    from pipeline.gate.evaluation import evaluate_candidate
+    from pipeline.gate.generation import Decoding, InProcessGenerator
+
+    damaged = planted.damaged_adapter(str(base_model_dir), tmp_path / "damaged", b_std=0.3)
+    _, heldout = planted.arithmetic_prompts(train=0, heldout=40)
+    report = evaluate_candidate(
+        str(base_model_dir),
+        damaged,
+        None,
+        skills.demo_suites(),
+        thresholds=GateThresholds(tolerance=0.05),
+        generator=InProcessGenerator(str(base_model_dir), batch_size=64),
+        scorer=planted.grader_scorer(planted.REWARDS["exact"]),
+        heldout=heldout,
+        decoding=Decoding(max_new_tokens=32),
+        score_base=False,
+        confirm_with=["demo-arithmetic"],
+    ).report
+    assert not report.passed
+    assert {"suite/demo-arithmetic", "suite/demo-support", "suite/demo-json"} <= set(report.failed_gates())
+    assert report.reason().startswith("suite/")
