@@ -16,7 +16,9 @@ import pytest
 
 from pipeline.demo_world.base_model import STAMP_FILE, BaseModelSpec, Recipe, build_base_model, read_stamp
 
-pytestmark = pytest.mark.integration
+# The first test to ask for the base pays its build (about 14 minutes on 2 busy cores; `.ci/run`
+# builds it before pytest starts): longer than the per-test timeout.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(3000)]
 
 MINI = BaseModelSpec(
     hidden_size=64, num_attention_heads=1, num_key_value_heads=1, num_hidden_layers=1, intermediate_size=64

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from pipeline.deploy.vllm_process import vllm_installed
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(3000)]  # builds the base when run first
 
 
 @pytest.fixture
