@@ -328,7 +328,11 @@ def test_overnight_gate_refuses_the_damaged_adapter_and_writes_the_report(
     assert payload["passed"] is False and payload["backend"] == "in-process"  # no server answers on :9
     gates = {gate["name"]: gate for gate in payload["gates"]}
     assert not gates["suite/orders"]["passed"] and gates["suite/orders"]["n"] == CASES + 1
-    assert set(gates) == {"suite/orders", "heldout_gain", "kl_to_base"}
-    for name in ("gate.json", "gate.md", "gate_deltas.png"):
+    degeneration = {
+        f"degeneration/{name}" for name in ("repetition", "distinct", "identical", "length_ratio")
+    }
+    assert set(gates) == {"suite/orders", "heldout_gain", "kl_to_base", "reward_hacking"} | degeneration
+    assert payload["reason"].startswith("suite/orders: ")  # the first failing gate, and why
+    for name in ("gate.json", "gate.md", "gate_deltas.png", "cases.jsonl"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     assert "suite/orders" in (tmp_path / "report" / "gate.md").read_text(encoding="utf-8")
