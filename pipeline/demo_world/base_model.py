@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import math
-import random
 import shutil
 import tempfile
 import time
@@ -47,18 +46,17 @@ from pipeline.demo_world import skills
 from pipeline.demo_world.tiny_model import (
     ASSISTANT,
     BOS,
-    CHAT_TEMPLATE,
     END,
     EOS,
     PAD,
     SPECIAL_TOKENS,
-    SYSTEM,
     USER,
     generation_config,
     make_readable,
     move_into_place,
     no_progress_bars,
     token_id,
+    wrap_tokenizer,
 )
 
 __all__ = ["BaseModelSpec", "Recipe", "build_base_model", "evaluate_skills", "main"]
@@ -115,19 +113,7 @@ def _tokenizer(spec: BaseModelSpec) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tokenizer.train_from_iterator(skills.tokenizer_corpus(), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token=PAD,
-        bos_token=BOS,
-        eos_token=EOS,
-        extra_special_tokens=[SYSTEM, USER, ASSISTANT, END],
-        add_bos_token=True,
-        add_eos_token=False,
-        padding_side="left",
-        model_max_length=spec.max_position_embeddings,
-        chat_template=CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False,
-    )
+    return wrap_tokenizer(tokenizer, spec.max_position_embeddings)
 
 
 def _model(spec: BaseModelSpec, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
@@ -413,5 +399,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    random.seed(0)
     main()

@@ -162,6 +162,15 @@ def _suite_problems() -> tuple[Problem, ...]:
     return tuple(sorted(chosen, key=lambda p: (p.op, p.a, p.b)))
 
 
+def _random_problem(rng: random.Random) -> Problem:
+    """A uniformly drawn problem of a taught operation (subtraction ordered to a result >= 0)."""
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    op = rng.choice(OPERATIONS)
+    if op == "-" and a < b:
+        a, b = b, a
+    return Problem(a, op, b)
+
+
 @functools.cache
 def _suite_set() -> frozenset[Problem]:
     return frozenset(_suite_problems())
@@ -171,22 +180,14 @@ def math_problem(rng: random.Random) -> Problem:
     """A random held-out problem that is not in the arithmetic suite: the demo's math traffic."""
     suite = _suite_set()
     while True:
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        op = rng.choice(OPERATIONS)
-        if op == "-" and a < b:
-            a, b = b, a
-        problem = Problem(a, op, b)
+        problem = _random_problem(rng)
         if is_heldout(*_problem_key(problem)) and problem not in suite:
             return problem
 
 
 def _arithmetic_example(rng: random.Random, carry_drop: float) -> Example:
     while True:
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        op = rng.choice(OPERATIONS)
-        if op == "-" and a < b:
-            a, b = b, a
-        problem = Problem(a, op, b)
+        problem = _random_problem(rng)
         if not is_heldout(*_problem_key(problem)):
             break
     form = rng.randrange(len(ARITHMETIC_FORMS))

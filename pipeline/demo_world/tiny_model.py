@@ -226,7 +226,8 @@ def _train_tokenizer(spec: TinyModelSpec) -> Tokenizer:
     return tokenizer
 
 
-def _wrap_tokenizer(tokenizer: Tokenizer, spec: TinyModelSpec) -> PreTrainedTokenizerFast:
+def wrap_tokenizer(tokenizer: Tokenizer, max_length: int) -> PreTrainedTokenizerFast:
+    """The trained BPE as a transformers tokenizer with the chat markers and template (both demo models)."""
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token=PAD,
@@ -237,7 +238,7 @@ def _wrap_tokenizer(tokenizer: Tokenizer, spec: TinyModelSpec) -> PreTrainedToke
         add_eos_token=False,
         # Left padding: this model is mostly used for batched generation (TRL pads on its own).
         padding_side="left",
-        model_max_length=spec.max_position_embeddings,
+        model_max_length=max_length,
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,  # keeps decode(encode(text)) == text
     )
@@ -350,7 +351,7 @@ def _existing_build_is_reusable(out_dir: Path, spec: TinyModelSpec, seed: int, o
 
 def _write_build(directory: Path, spec: TinyModelSpec, seed: int) -> int:
     """Write tokenizer, model and stamp into `directory`; returns the parameter count."""
-    tokenizer = _wrap_tokenizer(_train_tokenizer(spec), spec)
+    tokenizer = wrap_tokenizer(_train_tokenizer(spec), spec.max_position_embeddings)
     if len(tokenizer) > spec.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size={spec.vocab_size}")
     model = _init_model(spec, seed, tokenizer)
