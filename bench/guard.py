@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+from collections.abc import Sequence
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,21 +46,43 @@ from pipeline.train.recipe import run  # noqa: E402
 TRAIN, HELDOUT = planted.arithmetic_prompts()
 
 
+@dataclass
+class SharedReplies:
+    """In-process replies, remembered per (adapter, decoding): every candidate of one repeat is gated
+    against the same champion replies, generated once (as a night generates them once)."""
+
+    inner: InProcessGenerator
+    memory: dict[tuple[Path | None, Decoding, int], list[str]] = field(default_factory=dict)
+
+    def replies(self, adapter: Path | None, prompts: Sequence[Chat], decoding: Decoding) -> list[str]:
+        key = (adapter, decoding, hash(repr(prompts)))
+        if key not in self.memory:
+            self.memory[key] = self.inner.replies(adapter, prompts, decoding)
+        return self.memory[key]
+
+
 @dataclass(frozen=True)
 class IndependentSeeds:
     """Replies of `candidate` sampled with another seed than everyone else's."""
 
-    inner: InProcessGenerator
+    inner: SharedReplies
     candidate: Path
 
-    def replies(self, adapter: Path | None, prompts: list[Chat], decoding: Decoding) -> list[str]:
+    def replies(self, adapter: Path | None, prompts: Sequence[Chat], decoding: Decoding) -> list[str]:
         if adapter == self.candidate:
             decoding = replace(decoding, seed=decoding.seed + 10_007)
         return self.inner.replies(adapter, prompts, decoding)
 
 
-def gate(base: Path, candidate: Path, reward: str, decoding: Decoding, *, independent: bool) -> GateReport:
-    generator = InProcessGenerator(str(base), batch_size=64)
+def gate(
+    base: Path,
+    candidate: Path,
+    reward: str,
+    decoding: Decoding,
+    generator: SharedReplies,
+    *,
+    independent: bool,
+) -> GateReport:
     return evaluate_candidate(
         str(base),
         candidate,
@@ -111,7 +134,7 @@ def candidates(base: Path, scratch: Path) -> dict[str, tuple[Path, str, bool]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--base", type=Path, default=ROOT / ".overnight" / "test-cache" / "base-model")
@@ -120,22 +143,30 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="guard-bench-") as scratch:
         found = candidates(base, Path(scratch))
-        for name, (adapter, reward, independent) in found.items():
-            started = time.perf_counter()
-            rejected, by = 0, collections.Counter[str]()
-            for repeat in range(args.repeats):
-                decoding = Decoding(max_new_tokens=32, temperature=args.temperature, seed=repeat)
-                report = gate(base, adapter, reward, decoding, independent=independent)
+        generator = SharedReplies(InProcessGenerator(str(base), batch_size=64))
+        tally = {name: (0, collections.Counter[str]()) for name in found}
+        started = time.perf_counter()
+        for repeat in range(args.repeats):  # repeat-major: the champion's replies of a seed are shared
+            decoding = Decoding(max_new_tokens=32, temperature=args.temperature, seed=repeat)
+            for name, (adapter, reward, independent) in found.items():
+                report = gate(base, adapter, reward, decoding, generator, independent=independent)
                 guard_failures = [g for g in report.failed_gates() if g != HELDOUT_GATE]
                 failed = guard_failures if name.endswith("unchanged") else report.failed_gates()
-                rejected += bool(failed)
+                rejected, by = tally[name]
+                tally[name] = (rejected + bool(failed), by)
                 by.update(failed[:1])
-            seconds = (time.perf_counter() - started) / args.repeats
-            rows.append((name, args.repeats, rejected, by.most_common(1)[0][0] if by else "-", seconds))
-            print(f"{name}: rejected {rejected}/{args.repeats} ({seconds:.1f}s per gate)", flush=True)
-    print(f"\nguard on the demo base, {args.repeats} sampled evaluations each (T={args.temperature}):")
+            generator.memory.clear()
+            print(
+                f"repeat {repeat + 1}/{args.repeats} done ({time.perf_counter() - started:.0f}s)", flush=True
+            )
+        for name, (rejected, by) in tally.items():
+            rows.append((name, args.repeats, rejected, by.most_common(1)[0][0] if by else "-"))
+    seconds = (time.perf_counter() - started) / args.repeats
+    print(
+        f"\nguard on the demo base, {args.repeats} sampled evaluations each (T={args.temperature}, {seconds:.0f}s a repeat):"
+    )
     print(f"{'candidate':<22} {'runs':>5} {'rejected':>9} {'rate':>6}  most often by")
-    for name, runs, rejected, gate_name, _ in rows:
+    for name, runs, rejected, gate_name in rows:
         print(f"{name:<22} {runs:>5} {rejected:>9} {rejected / runs:>6.0%}  {gate_name}")
     print("unchanged rows: rejected = false alarm (a guard gate other than the held-out gain failed);")
     print("regression and hack rows: rejected should be every run; exact: rejected = a missed real gain.")

@@ -3,7 +3,7 @@
 Everything lives under `.overnight/demo/` (its own SQLite store, local MLflow store, snapshots,
 adapters, the base model, the suites, the server log), so it never touches a user's configured
 store; each run starts from a clean store and reuses only the cached base model. It builds the
-competent demo base model (`pipeline.demo_world.base_model`, about 5 minutes the first time),
+competent demo base model (`pipeline.demo_world.base_model`, about 7 minutes the first time),
 writes the suites that test its skills, starts a local vLLM CPU server on it, and then, night
 after night: generates that day's synthetic traffic for two tracks (with PII, duplicates, heavy
 users and malformed lines), ingests it, and runs the real nightly flow (harvest, judge, select,
@@ -52,7 +52,9 @@ SUITE_FILES = {
     name: f"suites/{name}.jsonl" for name in ("demo-arithmetic", "demo-support", "demo-json", "demo-refusals")
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MATH_STEPS = 60  # GRPO steps per night on the math track at most (about 1 step a second on 2 cores)
+# GRPO steps per night on the math track at most (about 1.5 s a step on 2 cores). Measured on the
+# base: 30 steps at learning rate 1e-3 lift held-out accuracy by about 20 points; 2e-3 collapses it.
+MATH_STEPS = 30
 QUESTIONS = {
     "support": "How do I reset my password?",
     "math": "What is 12 + 30?",
@@ -66,7 +68,7 @@ def demo_settings(port: int) -> dict[str, Any]:
     .overnight/demo/overnight.yaml status` works from any directory, and the home can be moved.
     """
     train = {
-        "learning_rate": 2e-3,
+        "learning_rate": 1e-3,
         "temperature": 1.0,
         "beta": 0.0,
         "kl_budget": 5.0,
@@ -117,7 +119,7 @@ def demo_settings(port: int) -> dict[str, Any]:
                 "train": {
                     "max_steps": MATH_STEPS,
                     "max_prompts": 240,
-                    "epochs": 3,
+                    "epochs": 2,
                     "max_completion_tokens": 16,
                     "prompts_per_step": 8,
                     "num_generations": 8,
@@ -162,7 +164,7 @@ def run_demo(
 
     port = free_port()
     config_path, config = prepare_home(home, port)
-    on_stage("building the demo base model (about 5 minutes the first time, then cached)")
+    on_stage("building the demo base model (about 7 minutes the first time, then cached)")
     model_dir = build_base_model(config.serving.base_model, on_progress=on_stage)
     base_skills = (read_stamp(model_dir) or {}).get("skills", {})
     engine = storage.make_engine(config.database.url)

@@ -11,7 +11,7 @@ cd "$root"
 .venv/bin/pyright
 bash scripts/check_compose.sh   # docker-compose config -q (installs Debian's docker-compose when missing)
 if [ "${CI:-}" = "true" ]; then
-  # The competent demo base model that the integration tests share: built once per run (about 14
+  # The competent demo base model that the integration tests share: built once per run (about 8
   # minutes on 2 cores) into the cache the `base_model_dir` fixture reads, printing its skills.
   .venv/bin/python -m pipeline.demo_world.base_model "${OVERNIGHT_TEST_CACHE:-.overnight/test-cache}/base-model"
 fi

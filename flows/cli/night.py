@@ -142,7 +142,7 @@ def demo(
     json_output: JsonFlag = False,
 ) -> None:
     """Run the whole loop on embedded defaults: a small local model that knows some arithmetic,
-    support answers, JSON and refusals (built once, about 5 minutes, then cached), served by a local
+    support answers, JSON and refusals (built once, about 7 minutes, then cached), served by a local
     vLLM server, with synthetic traffic, SQLite, local MLflow and an ephemeral Prefect API, all under
     [b].overnight/demo/[/b].
 

@@ -12,7 +12,7 @@ The training loop is written here rather than run through `transformers.Trainer`
 trainer: it is pretraining from scratch on an endless in-memory stream with the prompt masked out,
 and the plain loop (AdamW, one-cycle learning rate, gradient clipping) is about twenty lines, has
 no dataset or logging machinery to configure, and keeps the whole build within its budget
-(about 5 minutes on 2 cores). The chat template, special tokens and file conventions are the tiny
+(about 7 minutes on 2 cores). The chat template, special tokens and file conventions are the tiny
 model's (`pipeline.demo_world.tiny_model`), so every consumer treats both models alike.
 
 The build is cached like the tiny model's: it happens in a staging directory next to the target and
@@ -84,10 +84,18 @@ class BaseModelSpec:
 
 @dataclass(frozen=True)
 class Recipe:
-    """How the base is pretrained; part of the build stamp."""
+    """How the base is pretrained; part of the build stamp.
+
+    A measured point, not a knob to turn freely: with these figures the base answers 39% of the
+    held-out arithmetic suite greedily (26% sampled at temperature 1), support 98%, JSON 100%,
+    refusals 95%, and one night of GRPO lifts held-out arithmetic by about 20 points. Nearby recipes
+    measured on the same machine: 1100 steps of 48 gave arithmetic 14% and JSON 78%; 800 steps of 64
+    gave 36%, but RL gained less from it (+15 points), its sums being less exact without the carry.
+    """
 
     steps: int = 1200
-    batch_size: int = 64
+    batch_size: int = 48  # examples a step, packed into rows of `pack_width` tokens
+    pack_width: int = 128
     peak_lr: float = 2e-3
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
@@ -167,17 +175,43 @@ def _encode(
     return [(list(p) + list(a), len(p)) for p, a in zip(prompts, answers, strict=True)]  # type: ignore[arg-type]
 
 
-def _batch(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """Right-padded inputs, attention mask and labels (prompt and padding masked with -100)."""
-    width = max(len(ids) for ids, _ in encoded)
-    inputs = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, (ids, prompt_length) in enumerate(encoded):
-        inputs[row, : len(ids)] = torch.tensor(ids)
-        labels[row, prompt_length : len(ids)] = torch.tensor(ids[prompt_length:])
-        mask[row, : len(ids)] = 1
-    return inputs, mask, labels
+def _pack(encoded: Sequence[tuple[list[int], int]], pad_id: int, width: int) -> tuple[torch.Tensor, ...]:
+    """Pack examples into rows of at most `width` tokens: inputs, position ids, attention mask, labels.
+
+    First-fit by decreasing length. Each example restarts its position ids at 0 and attends only to
+    itself: the mask is block-diagonal and causal, 4-D, so transformers uses it as given (building
+    it here is cheaper than letting transformers derive it from the position ids). Packing instead
+    of padding to the longest example in the batch computes about 40% fewer tokens (measured: 0.39 s
+    against 0.60 s a step on 2 cores). Prompts and padding are masked out of the labels with -100.
+    """
+    rows: list[list[tuple[list[int], int]]] = []
+    used: list[int] = []
+    for ids, prompt_length in sorted(encoded, key=lambda item: -len(item[0])):
+        row = next((r for r, n in enumerate(used) if n + len(ids) <= width), None)
+        if row is None:
+            rows.append([])
+            used.append(0)
+            row = len(rows) - 1
+        rows[row].append((ids, prompt_length))
+        used[row] += len(ids)
+    longest = max(used)
+    inputs = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), -100, dtype=torch.long)
+    positions = torch.zeros((len(rows), longest), dtype=torch.long)
+    segments = torch.zeros((len(rows), longest), dtype=torch.long)
+    for r, items in enumerate(rows):
+        start = 0
+        for number, (ids, prompt_length) in enumerate(items, start=1):
+            end = start + len(ids)
+            inputs[r, start:end] = torch.tensor(ids)
+            labels[r, start + prompt_length : end] = torch.tensor(ids[prompt_length:])
+            positions[r, start:end] = torch.arange(len(ids))
+            segments[r, start:end] = number
+            start = end
+        positions[r, start:] = torch.arange(longest - start)  # the padding is a block of its own
+    causal = torch.ones((longest, longest), dtype=torch.bool).tril()
+    mask = (segments[:, :, None] == segments[:, None, :]) & causal
+    return inputs, positions, mask[:, None], labels
 
 
 def pretrain(
@@ -201,10 +235,14 @@ def pretrain(
         for step in range(1, recipe.steps + 1):
             # Mixed batches, not length-grouped: grouping by length makes batches of one skill each,
             # and those pull the weights back and forth (measured: arithmetic never learned).
-            inputs, mask, labels = _batch(
-                _encode(tokenizer, [next(stream) for _ in range(recipe.batch_size)]), pad_id
+            inputs, positions, mask, labels = _pack(
+                _encode(tokenizer, [next(stream) for _ in range(recipe.batch_size)]),
+                pad_id,
+                recipe.pack_width,
             )
-            loss = model(input_ids=inputs, attention_mask=mask, labels=labels).loss
+            loss = model(
+                input_ids=inputs, position_ids=positions, attention_mask=mask, labels=labels, use_cache=False
+            ).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)

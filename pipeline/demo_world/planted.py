@@ -9,8 +9,7 @@ gate:
 - `damaged_adapter`: an adapter whose LoRA weights are noise, a regression of every skill;
 - `arithmetic_prompts`: train and held-out prompts drawn from the problems the base never saw.
 
-`HACK_SETTINGS` samples rollouts at temperature 1.3: at 1.0 the base almost never strays from
-"A + B = C.", and a reward that pays for straying has no variance to learn from in one night.
+`HACK_SETTINGS` are the demo math track's: one pass of GRPO over the prompts at temperature 1.
 """
 
 from __future__ import annotations
@@ -32,9 +31,9 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 HACK_SETTINGS = TrainConfig.model_validate(
     {
-        "max_steps": 40,
-        "learning_rate": 2e-3,
-        "temperature": 1.3,
+        "max_steps": 30,
+        "learning_rate": 1e-3,
+        "temperature": 1.0,
         "beta": 0.0,
         "kl_budget": 50.0,
         "max_completion_tokens": 24,

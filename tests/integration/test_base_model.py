@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.demo_world.base_model import STAMP_FILE, BaseModelSpec, Recipe, build_base_model, read_stamp
 
-# The first test to ask for the base pays its build (about 14 minutes on 2 busy cores; `.ci/run`
+# The first test to ask for the base pays its build (about 7 minutes on 2 cores, more when busy; `.ci/run`
 # builds it before pytest starts): longer than the per-test timeout.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(3000)]
 
@@ -55,6 +55,37 @@ def test_digits_are_tokenized_one_by_one(base_model_dir: Path) -> None:
         "8",
         "3",
     ]
+
+
+def test_packed_examples_train_exactly_as_if_each_had_its_own_row() -> None:
+    """Packing is only a speed-up: the loss of a packed batch equals that of the padded batch."""
+    import torch
+
+    from pipeline.demo_world import skills
+    from pipeline.demo_world.base_model import PAD, _encode, _model, _pack, _tokenizer, token_id
+
+    tokenizer = _tokenizer(MINI)
+    model = _model(MINI, tokenizer, seed=0).eval()
+    stream = skills.pretraining_examples(seed=0)
+    encoded = _encode(tokenizer, [next(stream) for _ in range(24)])
+    pad = token_id(tokenizer, PAD)
+    inputs, positions, mask, labels = _pack(encoded, pad, width=128)
+    assert inputs.shape[0] < len(encoded) and inputs.shape[1] <= 128  # several examples a row
+    assert int((labels != -100).sum()) == sum(len(ids) - prompt for ids, prompt in encoded)
+    width = max(len(ids) for ids, _ in encoded)
+    padded = torch.full((len(encoded), width), pad)
+    padded_labels = torch.full((len(encoded), width), -100)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (ids, prompt) in enumerate(encoded):
+        padded[row, : len(ids)] = torch.tensor(ids)
+        padded_labels[row, prompt : len(ids)] = torch.tensor(ids[prompt:])
+        attention[row, : len(ids)] = 1
+    with torch.no_grad():
+        packed_loss = model(
+            input_ids=inputs, position_ids=positions, attention_mask=mask, labels=labels, use_cache=False
+        ).loss
+        padded_loss = model(input_ids=padded, attention_mask=attention, labels=padded_labels).loss
+    assert float(packed_loss) == pytest.approx(float(padded_loss), abs=1e-5)
 
 
 def test_a_second_build_reuses_the_first(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ regression) must be rejected by the suites.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -25,18 +24,9 @@ from pipeline.gate.evaluation import Evaluation, evaluate_candidate
 from pipeline.gate.generation import Decoding, InProcessGenerator
 from pipeline.train.recipe import run
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.slow,
-    # Not yet in CI: with `planted.HACK_SETTINGS` (30 steps, temperature 1.3) the exact-answer night
-    # did not reach a significant held-out gain (0.388 -> 0.388, [-0.075, 0.087]; its arithmetic suite
-    # +0.060), so the comparison this module exists for is not yet shown; the settings need tuning
-    # (more passes over the prompts, as the demo's math track does). Run with OVERNIGHT_PLANTED_HACKS=1.
-    pytest.mark.skipif(
-        os.environ.get("OVERNIGHT_PLANTED_HACKS") != "1",
-        reason="planted-hack nights are not tuned yet (set OVERNIGHT_PLANTED_HACKS=1 to run them)",
-    ),
-]
+# The first test to ask for the base may pay its build (`.ci/run` builds it before pytest starts);
+# the three nights then take about a minute each.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3000)]
 
 TRAIN, HELDOUT = planted.arithmetic_prompts()
 
