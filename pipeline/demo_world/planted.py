@@ -61,7 +61,7 @@ REWARDS: dict[str, Grader] = {
 }
 
 
-def arithmetic_prompts(train: int = 240, heldout: int = 80) -> tuple[list[TrainPrompt], list[TrainPrompt]]:
+def arithmetic_prompts(train: int = 240, heldout: int = 200) -> tuple[list[TrainPrompt], list[TrainPrompt]]:
     """(train, held-out) prompts: distinct arithmetic questions the base never saw, disjoint sets."""
     rng, seen, prompts = random.Random(1), set(), []
     while len(prompts) < train + heldout:
