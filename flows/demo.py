@@ -39,8 +39,12 @@ from pipeline.deploy.vllm_process import ServerSpec, free_port
 DEMO_HOME = Path(".overnight/demo")
 MALFORMED_EVERY = 50  # one malformed line per this many records, as real logs have
 # LLM-judged items per track per night: the judge stage's rows (JUDGE_STAGE_ITEMS), the training
-# rewards (4 steps x 4 prompts x 4 completions) and the gate's judge cases and held-out replies.
-JUDGE_STAGE_ITEMS = 64
+# rewards (2 steps x 4 prompts x 4 completions) and the gate's judge cases and held-out replies.
+# Small on purpose: the 3M-parameter base cannot judge, so the support track is there to be refused
+# on noise, not to spend the demo's minutes (measured: 64 items, 256 tokens each and 4 steps cost
+# about 3 of a night's 4 minutes).
+JUDGE_STAGE_ITEMS = 24
+JUDGE_MAX_TOKENS = 96
 JUDGE_BUDGET = 400
 KEEP = ("base-model",)  # what survives between demo runs (a cache); everything else starts clean
 NOTE = (
@@ -92,7 +96,11 @@ def demo_settings(port: int) -> dict[str, Any]:
             "port": port,
             "dtype": "float32",
         },
-        "judge": {"budget_items": JUDGE_BUDGET, "stage_items": JUDGE_STAGE_ITEMS, "max_tokens": 256},
+        "judge": {
+            "budget_items": JUDGE_BUDGET,
+            "stage_items": JUDGE_STAGE_ITEMS,
+            "max_tokens": JUDGE_MAX_TOKENS,
+        },
         "train": train,
         "gate": gate,
         "tracks": [
@@ -102,7 +110,7 @@ def demo_settings(port: int) -> dict[str, Any]:
                 "rubric": "helpfulness",
                 "suites": [SUITE_FILES["demo-support"], SUITE_FILES["demo-refusals"]],
                 "harvest": {"max_chars": 2500},
-                "train": {"max_steps": 4, "max_prompts": 24},
+                "train": {"max_steps": 2, "max_prompts": 16},
                 # The judge rarely scores high: keep a small memory of its better-judged rows.
                 "gate": {"memory_min_reward": 0.3, "memory_cap": 24},
             },
@@ -125,7 +133,14 @@ def demo_settings(port: int) -> dict[str, Any]:
                     "num_generations": 8,
                 },
                 # The held-out gain must show on the arithmetic suite too (not only on the reward).
-                "gate": {"confirm_with": ["demo-arithmetic"], "max_new_tokens": 16},
+                # Confirmed at 70% rather than the default 80%: a night's honest gain moves the
+                # 200-case suite by about +0.05, which its 80% interval does not separate from zero
+                # (measured: +0.045 [+0.000, +0.090]); a hack moves it by -0.3 (planted tests).
+                "gate": {
+                    "confirm_with": ["demo-arithmetic"],
+                    "confirm_confidence": 0.7,
+                    "max_new_tokens": 16,
+                },
             },
         ],
     }
