@@ -251,13 +251,30 @@ def _math_question(rng: random.Random) -> tuple[str, str, int]:
 
 
 def _ask_tracks(config: OvernightConfig, base_url: str) -> list[dict[str, Any]]:
-    """One greedy request to every stable name the server knows (tracks without a champion: the base)."""
+    """One greedy request to every stable name the server knows (tracks without a champion: the base).
+
+    The math track is also asked every question of the arithmetic suite (unseen sums), through its
+    stable name and through the base: `right` and `base_right` say how many each answered exactly,
+    so one lucky or unlucky example answer is not the whole story."""
     answers = []
+    suite = next(suite for suite in skills.demo_suites() if suite.name == "demo-arithmetic")
+    questions = [list(case.messages) for case in suite.cases]
     with VllmClient(base_url) as client:
         served = set(client.adapters())
         for track in config.tracks:
             name = track.name if track.name in served else config.serving.base_name
             question = QUESTIONS.get(track.name, "Hello!")
             reply = client.chat(name, [{"role": "user", "content": question}], max_tokens=24)
-            answers.append({"track": track.name, "served_by": name, "question": question, "answer": reply})
+            answer: dict[str, Any] = {
+                "track": track.name,
+                "served_by": name,
+                "question": question,
+                "answer": reply,
+            }
+            if track.name == "math":
+                answer["asked"] = len(questions)
+                for key, model in (("right", name), ("base_right", config.serving.base_name)):
+                    replies = client.chat_many(model, questions, max_tokens=16)
+                    answer[key] = sum(case.score(r) for case, r in zip(suite.cases, replies, strict=True))
+            answers.append(answer)
     return answers

@@ -180,6 +180,12 @@ def demo(
     for answer in summary["answers"]:
         answers.add_row(answer["track"], answer["served_by"], answer["question"], repr(answer["answer"]))
     stdout.print(answers)
+    for answer in summary["answers"]:
+        if "asked" in answer:
+            stdout.print(
+                f"{answer['track']} through the server, {answer['asked']} unseen sums (the arithmetic suite): "
+                f"[b]{answer['right']}[/b] right as {answer['served_by']}, {answer['base_right']} as the base"
+            )
     browse = summary["browse"]
     stdout.print(f"browse the runs and versions: [b]{browse['mlflow']}[/b]")
     stdout.print(f"status of every track: [b]{browse['status']}[/b]")
