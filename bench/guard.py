@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-from collections.abc import Sequence
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
