@@ -8,7 +8,7 @@ writes the suites that test its skills, starts a local vLLM CPU server on it, an
 after night: generates that day's synthetic traffic for two tracks (with PII, duplicates, heavy
 users and malformed lines), ingests it, and runs the real nightly flow (harvest, judge, select,
 train, gate, register, hot-swap, commit). After the last night it asks each track's stable name a
-question through the server.
+question through the server, and the math track (and the base) every sum of the arithmetic suite.
 
 The `math` track asks the arithmetic the base learned only partly (it forgets carries) and is
 rewarded by a verifiable exact-answer grader; its gain must be confirmed by the arithmetic suite,
@@ -275,6 +275,8 @@ def _ask_tracks(config: OvernightConfig, base_url: str) -> list[dict[str, Any]]:
                 answer["asked"] = len(questions)
                 for key, model in (("right", name), ("base_right", config.serving.base_name)):
                     replies = client.chat_many(model, questions, max_tokens=16)
-                    answer[key] = sum(case.score(r) for case, r in zip(suite.cases, replies, strict=True))
+                    answer[key] = int(
+                        sum(case.score(r) for case, r in zip(suite.cases, replies, strict=True))
+                    )
             answers.append(answer)
     return answers

@@ -122,3 +122,31 @@ def test_unwritable_out_is_a_user_error(workdir: Path) -> None:
     (workdir / "blocked").write_text("a file, not a directory")
     result = invoke("harvest", "support", "--out", "blocked/x.jsonl")
     assert result.exit_code == 2 and "cannot write the snapshot" in result.stderr
+
+
+def test_demo_prints_what_the_math_track_answers_through_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.demo
+
+    summary = {
+        "note": "a note",
+        "base_skills": {"demo-arithmetic": 0.36},
+        "nights": [],
+        "answers": [
+            {"track": "support", "served_by": "base", "question": "Hi?", "answer": "Hello."},
+            {
+                "track": "math",
+                "served_by": "math",
+                "question": "What is 12 + 30?",
+                "answer": "12 + 30 = 42.",
+                "asked": 200,
+                "right": 91,
+                "base_right": 82,
+            },
+        ],
+        "browse": {"mlflow": "mlflow ui", "status": "overnight status", "prefect": "prefect server start"},
+    }
+    monkeypatch.setattr(flows.demo, "run_demo", lambda nights, rows, on_stage: summary)
+    result = invoke("demo", "--nights", "1")
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.stdout.split())
+    assert "200 unseen sums" in output and "91 right as math, 82 as the base" in output
