@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="guard-bench-") as scratch:
         found = candidates(base, Path(scratch))
         generator = SharedReplies(InProcessGenerator(str(base), batch_size=64))
-        tally = {name: (0, collections.Counter[str]()) for name in found}
+        rejected = collections.Counter[str]()  # candidate -> runs it was rejected in
+        by = {name: collections.Counter[str]() for name in found}  # candidate -> gate that rejected it
         started = time.perf_counter()
         for repeat in range(args.repeats):  # repeat-major: the champion's replies of a seed are shared
             decoding = Decoding(max_new_tokens=32, temperature=args.temperature, seed=repeat)
@@ -152,22 +153,22 @@ def main(argv: list[str] | None = None) -> int:
                 report = gate(base, adapter, reward, decoding, generator, independent=independent)
                 guard_failures = [g for g in report.failed_gates() if g != HELDOUT_GATE]
                 failed = guard_failures if name.endswith("unchanged") else report.failed_gates()
-                rejected, by = tally[name]
-                tally[name] = (rejected + bool(failed), by)
-                by.update(failed[:1])
+                rejected[name] += bool(failed)
+                by[name].update(failed[:1])
             generator.memory.clear()
             print(
                 f"repeat {repeat + 1}/{args.repeats} done ({time.perf_counter() - started:.0f}s)", flush=True
             )
-        for name, (rejected, by) in tally.items():
-            rows.append((name, args.repeats, rejected, by.most_common(1)[0][0] if by else "-"))
+        for name in found:
+            gate_name = by[name].most_common(1)[0][0] if by[name] else "-"
+            rows.append((name, args.repeats, rejected[name], gate_name))
     seconds = (time.perf_counter() - started) / args.repeats
     print(
         f"\nguard on the demo base, {args.repeats} sampled evaluations each (T={args.temperature}, {seconds:.0f}s a repeat):"
     )
     print(f"{'candidate':<22} {'runs':>5} {'rejected':>9} {'rate':>6}  most often by")
-    for name, runs, rejected, gate_name in rows:
-        print(f"{name:<22} {runs:>5} {rejected:>9} {rejected / runs:>6.0%}  {gate_name}")
+    for name, runs, count, gate_name in rows:
+        print(f"{name:<22} {runs:>5} {count:>9} {count / runs:>6.0%}  {gate_name}")
     print("unchanged rows: rejected = false alarm (a guard gate other than the held-out gain failed);")
     print("regression and hack rows: rejected should be every run; exact: rejected = a missed real gain.")
     return 0

@@ -180,10 +180,11 @@ def _pack(encoded: Sequence[tuple[list[int], int]], pad_id: int, width: int) -> 
     """Pack examples into rows of at most `width` tokens: inputs, position ids, attention mask, labels.
 
     First-fit by decreasing length. Each example restarts its position ids at 0 and attends only to
-    itself: the mask is block-diagonal and causal, 4-D, so transformers uses it as given (building
-    it here is cheaper than letting transformers derive it from the position ids). Packing instead
-    of padding to the longest example in the batch computes about 40% fewer tokens (measured: 0.39 s
-    against 0.60 s a step on 2 cores). Prompts and padding are masked out of the labels with -100.
+    itself: the mask is block-diagonal and causal, 4-D, so transformers uses it as given rather than
+    relying on its packed-sequence detection (which is off whenever the model builds a KV cache).
+    Packing instead of padding to the longest example in the batch computes about 40% fewer tokens
+    (measured: about 0.45 s against 0.60 s a step on 2 cores). Prompts and padding are masked out of
+    the labels with -100.
     """
     rows: list[list[tuple[list[int], int]]] = []
     used: list[int] = []
