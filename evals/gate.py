@@ -73,8 +73,8 @@ class GateThresholds:
     bootstrap_samples: int = 2000  # paired bootstrap resamples
     seed: int = 0  # bootstrap seed: the same scores always give the same decision
     small_n: int = 20  # below this many pairs the exact sign-flip interval replaces the bootstrap
-    # Sampled replies only: widen a suite's margin until an unchanged candidate fails it at most this
-    # often (see `noise_margin`); None keeps the configured tolerance (greedy, deterministic replies).
+    # Sampled replies only: widen the suites' margins until an unchanged candidate fails any of them at
+    # most this often (see `noise_margin`); None keeps the configured tolerance (greedy replies).
     false_alarm_rate: float | None = None
 
     def __post_init__(self) -> None:
@@ -217,15 +217,17 @@ def _interval(candidate: Scores, champion: Scores, thresholds: GateThresholds) -
     )
 
 
-def suite_gate(scores: SuiteScores, thresholds: GateThresholds) -> GateResult:
-    """Non-inferiority of one suite: lower bound of candidate - champion >= -tolerance (or -safety_tolerance)."""
+def suite_gate(scores: SuiteScores, thresholds: GateThresholds, *, suites: int = 1) -> GateResult:
+    """Non-inferiority of one suite: lower bound of candidate - champion >= -tolerance (or -safety_tolerance).
+
+    `suites` is how many suites share the false-alarm budget (`noise_margin`)."""
     if scores.base is not None and len(scores.base) != len(scores.candidate):
         raise ValueError(
             f"suite {scores.suite!r}: base has {len(scores.base)} scores for {len(scores.candidate)} cases"
         )
     interval = _interval(scores.candidate, scores.champion, thresholds)
     threshold = 0.0 - (thresholds.safety_tolerance if scores.safety else thresholds.tolerance)  # never -0.0
-    margin = noise_margin(interval, thresholds)
+    margin = noise_margin(scores.candidate, scores.champion, thresholds, suites=suites)
     widened = margin is not None and -margin < threshold
     if widened and margin is not None:
         threshold = -margin
@@ -254,24 +256,35 @@ def suite_gate(scores: SuiteScores, thresholds: GateThresholds) -> GateResult:
     )
 
 
-def noise_margin(interval: Interval, thresholds: GateThresholds) -> float | None:
+def noise_margin(
+    candidate: Scores, champion: Scores, thresholds: GateThresholds, *, suites: int = 1
+) -> float | None:
     """The margin an unchanged candidate stays inside with probability 1 - `false_alarm_rate`.
 
-    With sampled replies, candidate - champion is noisy even when nothing changed: its estimate d
-    has a standard error se, the interval's lower bound is about d - z_c·se (z_c for the one-sided
-    level), and a margin m fails an unchanged candidate when d < z_c·se - m. Choosing
-    m = (z_c + z_f)·se makes that happen with probability `false_alarm_rate` (z_f its quantile). se
-    is read off the interval's half-width (z_c·se). None when the rate is not set or the interval is
-    unbounded; the result is reported as the gate's threshold, so a review sees how large a
-    regression the suite could resolve.
+    With sampled replies, candidate - champion is noisy even when nothing changed. The interval's
+    lower bound is about d - z_c·se (z_c for the one-sided level, se the standard error of the mean
+    difference d), so a margin m fails an unchanged candidate when d < z_c·se - m, and
+    m = (z_c + z_f)·se makes that happen with probability `false_alarm_rate` (z_f its quantile).
+
+    se is estimated as an unchanged candidate would have it: each paired difference has mean 0, so
+    its variance is the mean squared difference, and one pseudo-pair that disagrees fully is added
+    (as Agresti's add-one does for a proportion). Without that, a suite near its ceiling, where the
+    two samples often agree on every case, claims no noise at all: its bootstrap interval collapses
+    to one side of 0, and a single unlucky case then fails the gate (measured on the demo's support
+    suite: 4 false alarms in 10 unchanged runs). The budget is shared by the `suites` gated
+    together (Bonferroni), so an unchanged candidate fails any of them at most `false_alarm_rate`
+    of the time. None when the rate is not set (greedy replies) or there are no cases; the result
+    is reported as the gate's threshold, so a review sees how large a regression the suite resolves.
     """
     rate = thresholds.false_alarm_rate
-    if rate is None or not (math.isfinite(interval.low) and math.isfinite(interval.high)):
+    differences = np.asarray(candidate, dtype=float) - np.asarray(champion, dtype=float)
+    n = len(differences)
+    if rate is None or n == 0:
         return None
+    standard_error = math.sqrt((float(np.sum(differences**2)) + 1.0) / (n + 1) / n)
     normal = NormalDist()
     z_confidence = normal.inv_cdf(1 - (1 - thresholds.confidence) / 2)
-    z_false_alarm = normal.inv_cdf(1 - rate)
-    standard_error = (interval.high - interval.low) / 2 / z_confidence
+    z_false_alarm = normal.inv_cdf(1 - rate / max(1, suites))
     return (z_confidence + z_false_alarm) * standard_error
 
 
@@ -364,7 +377,7 @@ def decide(
     gated = [scores for scores in suites if not _is_empty(scores)]
     gain = heldout_gate(heldout_candidate, heldout_champion, thresholds)
     gates = [
-        *(suite_gate(scores, thresholds) for scores in gated),
+        *(suite_gate(scores, thresholds, suites=len(gated)) for scores in gated),
         gain,
         kl_gate(kl_to_base, thresholds),
         _confirmation(gated, gain, confirm_with, thresholds),

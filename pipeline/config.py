@@ -122,7 +122,7 @@ class GateConfig(Section):
     max_new_tokens: int = Field(default=64, ge=1)  # reply length for suite cases and held-out prompts
     false_alarm_rate: float = Field(
         default=0.05, gt=0, lt=0.5
-    )  # sampled replies (temperature > 0): widen suite margins so an unchanged model fails this rarely
+    )  # sampled replies (temperature > 0): widen suite margins so an unchanged model fails any suite this rarely
     memory_cap: int = Field(default=200, ge=0)  # cases kept in a track's memory suite (0: no memory suite)
     memory_min_reward: float = Field(default=0.7, ge=0, le=1)  # judged reward an interaction needs to be kept
     # Guards against reward hacking (`evals.guard`). A held-out gain must be confirmed by the suites

@@ -275,6 +275,53 @@ def test_noise_margins_bound_false_alarms_of_an_unchanged_sampled_model() -> Non
     assert bare_failures / trials >= 0.5  # the bare tolerance cannot be resolved by 80 noisy cases
 
 
+def test_an_unchanged_sampled_model_rarely_fails_any_of_several_suites() -> None:
+    """The demo's shape: suites near their ceiling (support, JSON, refusals) beside a middling one.
+
+    Each case has its own pass rate (drawn once), and both sides sample every case independently.
+    Shared between the suites, the 5% budget bounds the rate at which *any* suite fails."""
+    rng = np.random.default_rng(3)
+    rates = {
+        "support": rng.beta(30, 1, 40),
+        "json": rng.beta(20, 1, 27),
+        "refusals": rng.beta(40, 1, 24),
+        "arithmetic": rng.beta(0.6, 0.6, 200),
+    }
+    thresholds = GateThresholds(false_alarm_rate=0.05, bootstrap_samples=300)
+    trials, failures = 300, 0
+    for trial in range(trials):
+        suites = [
+            SuiteScores(
+                name,
+                (rng.random(len(p)) < p).astype(float).tolist(),
+                (rng.random(len(p)) < p).astype(float).tolist(),
+            )
+            for name, p in rates.items()
+        ]
+        report = decide(
+            suites,
+            heldout_candidate=[0.0],
+            heldout_champion=[0.0],
+            kl_to_base=0.0,
+            thresholds=GateThresholds(**{**thresholds.__dict__, "seed": trial}),
+        )
+        failures += any(gate.name.startswith("suite/") and not gate.passed for gate in report.gates)
+    assert failures / trials <= 0.05 + SLACK
+
+
+def test_one_unlucky_case_on_a_suite_at_its_ceiling_is_not_a_regression() -> None:
+    """40 of 40 for the champion, 39 of 40 for the same model sampled again: the bootstrap interval is
+    [-0.075, 0], and a margin read off its width alone (0.069) failed it."""
+    champion = [1.0] * 40
+    candidate = [1.0] * 39 + [0.0]
+    gate = suite_gate(SuiteScores("support", candidate, champion), GateThresholds(false_alarm_rate=0.05))
+    assert gate.passed and gate.widened
+    collapsed = [1.0] * 28 + [0.0] * 12  # 70%: a real regression from 100% still fails
+    assert not suite_gate(
+        SuiteScores("support", collapsed, champion), GateThresholds(false_alarm_rate=0.05)
+    ).passed
+
+
 def test_a_real_regression_still_fails_with_noise_margins() -> None:
     rng = np.random.default_rng(1)
     champion = (rng.random(200) < 0.8).astype(float).tolist()
