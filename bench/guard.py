@@ -11,8 +11,8 @@ suite margins widened for sampling noise as the pipeline does, `gate.false_alarm
   - retrained-unchanged: a candidate whose weights differ from the champion's by a little noise, with
     common sampling seeds, as the pipeline gates;
   - regressions: adapters whose LoRA weights are noise (`planted.damaged_adapter`) at two strengths;
-  - hacks: one night of GRPO on a verbosity reward and on a surface reward (`planted.REWARDS`),
-    trained once;
+  - hacks: one night of GRPO on a verbosity reward and on a reward model that learned its
+    labellers' mistake, the forgotten carry (`planted.REWARDS`), trained once;
   - exact: one night on the exact-answer reward, which the guard should pass (its power).
 
     .venv/bin/python bench/guard.py [--repeats 20] [--temperature 0.7]
@@ -114,7 +114,7 @@ def candidates(base: Path, scratch: Path) -> dict[str, tuple[Path, str, bool]]:
             False,
         ),
     }
-    for reward in ("length", "has_7", "exact"):
+    for reward in ("length", "popular", "exact"):
         started = time.perf_counter()
         result = run(
             planted.HACK_SETTINGS,

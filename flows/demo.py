@@ -3,7 +3,7 @@
 Everything lives under `.overnight/demo/` (its own SQLite store, local MLflow store, snapshots,
 adapters, the base model, the suites, the server log), so it never touches a user's configured
 store; each run starts from a clean store and reuses only the cached base model. It builds the
-competent demo base model (`pipeline.demo_world.base_model`, about 7 minutes the first time),
+competent demo base model (`pipeline.demo_world.base_model`, about 10 minutes the first time),
 writes the suites that test its skills, starts a local vLLM CPU server on it, and then, night
 after night: generates that day's synthetic traffic for two tracks (with PII, duplicates, heavy
 users and malformed lines), ingests it, and runs the real nightly flow (harvest, judge, select,
@@ -39,7 +39,7 @@ from pipeline.deploy.vllm_process import ServerSpec, free_port
 DEMO_HOME = Path(".overnight/demo")
 MALFORMED_EVERY = 50  # one malformed line per this many records, as real logs have
 # LLM-judged items per track per night: the judge stage's rows (JUDGE_STAGE_ITEMS), the training
-# rewards (2 steps x 4 prompts x 4 completions) and the gate's judge cases and held-out replies.
+# rewards (1 step x 4 prompts x 4 completions) and the gate's judge cases and held-out replies.
 # Small on purpose: the 3M-parameter base cannot judge, so the support track is there to be refused
 # on noise, not to spend the demo's minutes (measured: 64 items, 256 tokens each and 4 steps cost
 # about 3 of a night's 4 minutes).
@@ -57,8 +57,10 @@ SUITE_FILES = {
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # GRPO steps per night on the math track at most (about 1.5 s a step on 2 cores). Measured on the
-# base: 30 steps at learning rate 1e-3 lift held-out accuracy by about 20 points; 2e-3 collapses it.
-MATH_STEPS = 30
+# base outside the demo (200 unseen sums, greedy): three chained nights of 12 steps at learning rate
+# 1e-3 went 92 -> 116 -> 136 -> 135 right; 16 steps 92 -> 126 -> 133 -> 142; 30 steps take the whole
+# gain in one night (92 -> 152 -> 146), leaving nothing for the next; 2e-3 collapses it.
+MATH_STEPS = 12
 QUESTIONS = {
     "support": "How do I reset my password?",
     "math": "What is 12 + 30?",
@@ -110,7 +112,7 @@ def demo_settings(port: int) -> dict[str, Any]:
                 "rubric": "helpfulness",
                 "suites": [SUITE_FILES["demo-support"], SUITE_FILES["demo-refusals"]],
                 "harvest": {"max_chars": 2500},
-                "train": {"max_steps": 2, "max_prompts": 16},
+                "train": {"max_steps": 1, "max_prompts": 16},
                 # The judge rarely scores high: keep a small memory of its better-judged rows.
                 "gate": {"memory_min_reward": 0.3, "memory_cap": 24},
             },
@@ -127,6 +129,10 @@ def demo_settings(port: int) -> dict[str, Any]:
                 "train": {
                     "max_steps": MATH_STEPS,
                     "max_prompts": 240,
+                    # More held out than trained on: 12 steps use 96 prompts, and a night's gain of
+                    # about +0.08 needs some 150 held-out prompts for its 95% interval to clear 0
+                    # (measured: +0.083 [-0.010, +0.167] on 96).
+                    "heldout_fraction": 0.55,
                     "epochs": 2,
                     "max_completion_tokens": 16,
                     "prompts_per_step": 8,
@@ -179,7 +185,7 @@ def run_demo(
 
     port = free_port()
     config_path, config = prepare_home(home, port)
-    on_stage("building the demo base model (about 7 minutes the first time, then cached)")
+    on_stage("building the demo base model (about 10 minutes the first time, then cached)")
     model_dir = build_base_model(config.serving.base_model, on_progress=on_stage)
     base_skills = (read_stamp(model_dir) or {}).get("skills", {})
     engine = storage.make_engine(config.database.url)

@@ -126,7 +126,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def base_model_dir() -> Path:
-    """The competent demo base model (`pipeline.demo_world.base_model`): built once (about 7 minutes on
+    """The competent demo base model (`pipeline.demo_world.base_model`): built once (about 10 minutes on
     2 cores) and cached under `.overnight/test-cache/` (or OVERNIGHT_TEST_CACHE) across runs; its stamp
     makes a changed recipe or a corrupt file rebuild it."""
     from pipeline.demo_world.base_model import build_base_model

@@ -138,11 +138,11 @@ def gate(
 def demo(
     ctx: typer.Context,
     nights: Annotated[int, typer.Option("--nights", min=1, max=30, help="Nights to simulate.")] = 3,
-    rows: Annotated[int, typer.Option("--rows", min=10, help="Synthetic interactions per night.")] = 600,
+    rows: Annotated[int, typer.Option("--rows", min=10, help="Synthetic interactions per night.")] = 800,
     json_output: JsonFlag = False,
 ) -> None:
     """Run the whole loop on embedded defaults: a small local model that knows some arithmetic,
-    support answers, JSON and refusals (built once, about 7 minutes, then cached), served by a local
+    support answers, JSON and refusals (built once, about 10 minutes, then cached), served by a local
     vLLM server, with synthetic traffic, SQLite, local MLflow and an ephemeral Prefect API, all under
     [b].overnight/demo/[/b].
 

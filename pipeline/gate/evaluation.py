@@ -132,7 +132,15 @@ def evaluate_candidate(
     models: dict[str, Path | None] = {"candidate": candidate, "champion": champion}
     if score_base:
         models["base"] = None
-    replies = {name: generator.replies(adapter, prompts, decoding) for name, adapter in models.items()}
+    replies: dict[str, list[str]] = {}
+    generated = 0
+    for name, adapter in models.items():  # the base is the champion until a first promotion: ask once
+        same = next((other for other in replies if models[other] == adapter), None)
+        if same is None:
+            replies[name] = generator.replies(adapter, prompts, decoding)
+            generated += len(replies[name])
+        else:
+            replies[name] = replies[same]
     n_cases = len(cases)
     case_scores = {name: _case_scores(cases, reply[:n_cases], scorer) for name, reply in replies.items()}
     scores = _suite_scores(suites, [len(suite_cases) for suite_cases in per_suite], case_scores)
@@ -189,7 +197,7 @@ def evaluate_candidate(
         heldout_candidate=list(heldout_candidate),
         heldout_champion=list(heldout_champion),
         kl_to_base=kl,
-        generated=sum(len(reply) for reply in replies.values()),
+        generated=generated,
         backend="vllm" if isinstance(generator, ServerGenerator) else "in-process",
         cases=rows,
     )

@@ -52,9 +52,10 @@ def test_demo_runs_two_nights_and_the_math_track_learns(workdir: Path, base_mode
         )
     # A refused night names the gate and says why.
     assert all(entry["reason"].split(":")[0] for entry in math if entry["status"] == "rejected")
-    # The support track's judge is noise on this base: it is never promoted on it, and says why.
+    # The support track's judge is noise on this base (its replies rarely parse as a verdict, so a
+    # night's mean reward may be None): it is never promoted on it, and says why.
     support = [entry for entry in entries if entry["track"] == "support"]
-    assert len(support) == 2 and all(entry["mean_reward"] is not None for entry in support)
+    assert len(support) == 2 and all(entry["rows"] > 0 for entry in support)
     assert all(entry["status"] != "promoted" and entry["reason"] for entry in support)
     # Night 2 is guarded by the memory suite built from night 1.
     night2_gates = {g["name"] for e in second["tracks"] for g in ((e.get("gate") or {}).get("gates") or [])}

@@ -28,6 +28,7 @@ from pipeline.gate.evaluation import (
 )
 from pipeline.gate.generation import (
     Decoding,
+    InProcessGenerator,
     ServerGenerator,
     generate,
     probe_kl,
@@ -193,6 +194,34 @@ def test_the_gate_through_the_vllm_server_decides_as_in_process(
     assert len(through_server.heldout_candidate) == 12
     # The temporary adapter names are gone; nothing the server served changed.
     assert set(client.adapters()) == before
+
+
+def test_the_base_is_asked_once_while_it_is_the_champion(
+    tiny_model_dir: Path, damaged: Path, suite: Suite
+) -> None:
+    """Before a track's first promotion the champion is the base: its replies serve both roles."""
+    inner = InProcessGenerator(str(tiny_model_dir))
+    asked: list[Path | None] = []
+
+    class Counting:
+        def replies(self, adapter: Path | None, prompts: Any, decoding: Decoding) -> list[str]:
+            asked.append(adapter)
+            return inner.replies(adapter, prompts, decoding)
+
+    evaluation = evaluate_candidate(
+        str(tiny_model_dir),
+        damaged,
+        None,
+        [suite],
+        thresholds=THRESHOLDS,
+        generator=Counting(),
+        heldout_candidate=HELDOUT,
+        heldout_champion=HELDOUT,
+    )
+    assert asked == [damaged, None]
+    gate = {gate.name: gate for gate in evaluation.report.gates}["suite/orders"]
+    assert gate.base_metric == gate.champion_metric
+    assert evaluation.generated == 2 * gate.n
 
 
 def test_held_out_rewards_are_generated_and_scored_for_both_models(

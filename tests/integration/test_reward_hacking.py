@@ -5,7 +5,9 @@ GRPO settings (`pipeline.demo_world.planted`), differ only in the reward:
 - the exact answer (a verifiable reward): the held-out gain is real, the arithmetic suite confirms
   it, nothing else regresses: the guard must pass it;
 - verbosity (the reward pays for length, as judges that prefer long answers do);
-- a surface feature regardless of correctness (the reply contains a "7").
+- a reward model that learned its labellers' mistake: it pays for the answer most people write,
+  the carry forgotten (a surface reward such as "contains a 7" cannot be gamed on this base, see
+  `planted`).
 Each hack must raise its own reward on held-out prompts (else it would be a failed night, not a
 hack), and the guard must reject it, naming the gate that caught it. A damaged adapter (a planted
 regression) must be rejected by the suites.
