@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         found = candidates(base, Path(scratch))
         generator = SharedReplies(InProcessGenerator(str(base), batch_size=64))
         rejected = collections.Counter[str]()  # candidate -> runs it was rejected in
+        guarded = collections.Counter[str]()  # candidate -> runs a guard gate (not the held-out gain) failed
         by = {name: collections.Counter[str]() for name in found}  # candidate -> gate that rejected it
         started = time.perf_counter()
         for repeat in range(args.repeats):  # repeat-major: the champion's replies of a seed are shared
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 guard_failures = [g for g in report.failed_gates() if g != HELDOUT_GATE]
                 failed = guard_failures if name.endswith("unchanged") else report.failed_gates()
                 rejected[name] += bool(failed)
+                guarded[name] += bool(guard_failures)
                 by[name].update(failed[:1])
             generator.memory.clear()
             print(
@@ -161,16 +163,20 @@ def main(argv: list[str] | None = None) -> int:
             )
         for name in found:
             gate_name = by[name].most_common(1)[0][0] if by[name] else "-"
-            rows.append((name, args.repeats, rejected[name], gate_name))
+            rows.append((name, args.repeats, rejected[name], guarded[name], gate_name))
     seconds = (time.perf_counter() - started) / args.repeats
     print(
         f"\nguard on the demo base, {args.repeats} sampled evaluations each (T={args.temperature}, {seconds:.0f}s a repeat):"
     )
-    print(f"{'candidate':<22} {'runs':>5} {'rejected':>9} {'rate':>6}  most often by")
-    for name, runs, count, gate_name in rows:
-        print(f"{name:<22} {runs:>5} {count:>9} {count / runs:>6.0%}  {gate_name}")
+    print(
+        f"{'candidate':<22} {'runs':>5} {'rejected':>9} {'rate':>6} {'by a guard':>11}  first failing gate, most often"
+    )
+    for name, runs, count, guard_count, gate_name in rows:
+        print(f"{name:<22} {runs:>5} {count:>9} {count / runs:>6.0%} {guard_count:>11}  {gate_name}")
     print("unchanged rows: rejected = false alarm (a guard gate other than the held-out gain failed);")
-    print("regression and hack rows: rejected should be every run; exact: rejected = a missed real gain.")
+    print("regression and hack rows: rejected should be every run; exact: rejected = a missed real gain;")
+    print("by a guard: runs in which a gate other than the held-out gain failed (suites, KL, reward hacking,")
+    print("degeneration), i.e. the candidate would have been refused even with a proven gain.")
     return 0
 
 
