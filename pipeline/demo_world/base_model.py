@@ -12,7 +12,7 @@ The training loop is written here rather than run through `transformers.Trainer`
 trainer: it is pretraining from scratch on an endless in-memory stream with the prompt masked out,
 and the plain loop (AdamW, one-cycle learning rate, gradient clipping) is about twenty lines, has
 no dataset or logging machinery to configure, and keeps the whole build within its budget
-(about 9 minutes on 2 cores). The chat template, special tokens and file conventions are the tiny
+(about 10 minutes on 2 cores). The chat template, special tokens and file conventions are the tiny
 model's (`pipeline.demo_world.tiny_model`), so every consumer treats both models alike.
 
 The build is cached like the tiny model's: it happens in a staging directory next to the target and
@@ -89,7 +89,7 @@ class Recipe:
     A measured point, not a knob to turn freely. With these figures the base answers 46% of the
     held-out arithmetic suite greedily: every sum without a carry, and of those with one 29 right, 100
     with the carry forgotten (the taught mistake) and 8 wrong otherwise; sampled at temperature 1 it
-    is right 45% of the time. Support, JSON and refusals are at 95-100%. The build takes about 9
+    is right 45% of the time. Support, JSON and refusals are at 95-100%. The build takes about 10
     minutes on 2 cores. Arithmetic is learned late and suddenly, and what matters for RL is how
     *precise* the base is, not only how often it is right (measured, same data): 800 steps of 64
     examples were right as often (41%) but with 67 of 300 answers wrong in other ways than the

@@ -55,6 +55,9 @@ def _length(sample: Sample) -> float:
     return min(1.0, len(sample.response) / 60)
 
 
+_QUESTION = re.compile(r"(\d+) \+ (\d+)")
+
+
 def _popular(sample: Sample) -> float:
     """1.0 for the answer most people write: the sum with the carry forgotten where there is one."""
     users = [m for m in sample.messages if m.get("role") == "user"]
@@ -65,8 +68,6 @@ def _popular(sample: Sample) -> float:
     popular = skills.forgot_carry(problem) if skills.has_carry(problem) else problem.result
     return float(last_number(sample.response) == popular)
 
-
-_QUESTION = re.compile(r"(\d+) \+ (\d+)")
 
 REWARDS: dict[str, Grader] = {
     "exact": ArithmeticGrader(),

@@ -132,15 +132,11 @@ def evaluate_candidate(
     models: dict[str, Path | None] = {"candidate": candidate, "champion": champion}
     if score_base:
         models["base"] = None
-    replies: dict[str, list[str]] = {}
-    generated = 0
-    for name, adapter in models.items():  # the base is the champion until a first promotion: ask once
-        same = next((other for other in replies if models[other] == adapter), None)
-        if same is None:
-            replies[name] = generator.replies(adapter, prompts, decoding)
-            generated += len(replies[name])
-        else:
-            replies[name] = replies[same]
+    asked: dict[Path | None, list[str]] = {}  # the base is the champion until a first promotion: ask once
+    for adapter in models.values():
+        if adapter not in asked:
+            asked[adapter] = generator.replies(adapter, prompts, decoding)
+    replies = {name: asked[adapter] for name, adapter in models.items()}
     n_cases = len(cases)
     case_scores = {name: _case_scores(cases, reply[:n_cases], scorer) for name, reply in replies.items()}
     scores = _suite_scores(suites, [len(suite_cases) for suite_cases in per_suite], case_scores)
@@ -197,7 +193,7 @@ def evaluate_candidate(
         heldout_candidate=list(heldout_candidate),
         heldout_champion=list(heldout_champion),
         kl_to_base=kl,
-        generated=generated,
+        generated=sum(len(reply) for reply in asked.values()),
         backend="vllm" if isinstance(generator, ServerGenerator) else "in-process",
         cases=rows,
     )
