@@ -56,10 +56,11 @@ SUITE_FILES = {
     name: f"suites/{name}.jsonl" for name in ("demo-arithmetic", "demo-support", "demo-json", "demo-refusals")
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# GRPO steps per night on the math track at most (about 1.5 s a step on 2 cores). Measured on the
-# base outside the demo (200 unseen sums, greedy): three chained nights of 12 steps at learning rate
-# 1e-3 went 92 -> 116 -> 136 -> 135 right; 16 steps 92 -> 126 -> 133 -> 142; 30 steps take the whole
-# gain in one night (92 -> 152 -> 146), leaving nothing for the next; 2e-3 collapses it.
+# GRPO steps per night on the math track at most (16 prompts x 8 samples a step, about 1.5 s on 2
+# cores). Measured on the base outside the demo (200 unseen sums, greedy, three chained nights at
+# learning rate 1e-3): 12 steps of 16 prompts went 92 -> 124 -> 154 -> 145 right, 12 steps of 8
+# 92 -> 123 -> 142 -> 138 (in the demo 127 after three nights: +17.5 points, short of +20); 30 steps
+# take the whole gain in one night (92 -> 152 -> 146), leaving nothing for the next; 2e-3 collapses it.
 MATH_STEPS = 12
 QUESTIONS = {
     "support": "How do I reset my password?",
@@ -129,13 +130,14 @@ def demo_settings(port: int) -> dict[str, Any]:
                 "train": {
                     "max_steps": MATH_STEPS,
                     "max_prompts": 240,
-                    # More held out than trained on: 12 steps use 96 prompts, and a night's gain of
-                    # about +0.08 needs some 150 held-out prompts for its 95% interval to clear 0
-                    # (measured: +0.083 [-0.010, +0.167] on 96).
+                    # More held out than trained on: a night's gain of about +0.08 needs some 150
+                    # held-out prompts for its 95% interval to clear 0 (measured: +0.083 [-0.010,
+                    # +0.167] on 96). The 12 steps of 16 take each of the ~110 training prompts about
+                    # twice (`epochs`).
                     "heldout_fraction": 0.55,
                     "epochs": 2,
                     "max_completion_tokens": 16,
-                    "prompts_per_step": 8,
+                    "prompts_per_step": 16,
                     "num_generations": 8,
                 },
                 # The held-out gain must show on the arithmetic suite too (not only on the reward).

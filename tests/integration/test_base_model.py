@@ -115,8 +115,21 @@ def test_an_interrupted_build_leaves_nothing_a_later_run_would_use(
 
     monkeypatch.setattr(base_model, "pretrain", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        build_base_model(tmp_path / "base", spec=MINI, recipe=MINI_RECIPE)
+        build_base_model(tmp_path / "base", spec=MINI, recipe=MINI_RECIPE, isolated=False)
     assert list(tmp_path.iterdir()) == []  # no target, no staging directory left behind
+
+
+def test_the_build_runs_with_pinned_cpu_kernels_and_a_failed_build_says_why(tmp_path: Path) -> None:
+    import torch
+
+    target = build_base_model(tmp_path / "base", spec=MINI, recipe=MINI_RECIPE)
+    stamp = read_stamp(target)
+    assert stamp is not None
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):  # x86-64 with AVX2 at least
+        assert stamp["cpu_capability"] == "AVX2"  # the same kernels, so the same weights, on every machine
+    with pytest.raises(RuntimeError, match=r"failed \(exit 1\): .*total_steps"):
+        build_base_model(tmp_path / "broken", spec=MINI, recipe=Recipe(steps=0, batch_size=4, threads=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # nothing half-built left behind
 
 
 def test_a_directory_it_did_not_build_is_never_touched(tmp_path: Path) -> None:
