@@ -223,6 +223,27 @@ class ServingConfig(Section):
     api_key: SecretStr | None = None  # if the vLLM servers require one
 
 
+class GatewayConfig(Section):
+    """The OpenAI-compatible gateway in front of the vLLM endpoints (`pipeline.deploy.gateway`)."""
+
+    host: str = "127.0.0.1"  # where the gateway binds; clients call it instead of vLLM
+    port: int = Field(default=8080, ge=1, le=65535)
+    # Bearer API keys required; false (the embedded, one-machine default): anyone who reaches the port
+    # may call every track, and a key sent anyway still applies its tracks and defaults
+    require_keys: bool = False
+    queue_size: int = Field(default=10_000, ge=1)  # exchanges waiting for the log writer; past it: the spool
+    batch_size: int = Field(default=200, ge=1, le=100_000)  # exchanges per store write
+    # an exchange waits at most this long to be written; also how often an unreachable store is retried
+    flush_seconds: float = Field(default=0.5, gt=0)
+    # fsync'd JSONL of exchanges the store could not take, replayed in order; one gateway process each
+    spool_dir: str = ".overnight/gateway-spool"
+    route_refresh_seconds: float = Field(default=0.5, gt=0)  # how stale a process's view of the routes may be
+    key_cache_seconds: float = Field(default=5.0, ge=0)  # how long a key lookup (or revocation) is cached
+    health_interval_seconds: float = Field(default=2.0, gt=0)  # `GET /health` of every endpoint this often
+    upstream_timeout_seconds: float = Field(default=300.0, gt=0)  # longest wait for a byte from vLLM
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)  # larger request bodies get 413
+
+
 class ScheduleConfig(Section):
     cron: str = "0 2 * * *"  # when the nightly flow runs
     timezone: str = "UTC"
@@ -248,6 +269,7 @@ class OvernightConfig(Section):
     gate: GateConfig = GateConfig()
     mlflow: MlflowConfig = MlflowConfig()
     serving: ServingConfig = ServingConfig()
+    gateway: GatewayConfig = GatewayConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     privacy: PrivacyConfig = PrivacyConfig()
 
@@ -338,10 +360,11 @@ def resolve_relative_paths(
 ) -> OvernightConfig:
     """Relative paths of a config file made absolute against the file's directory `base`.
 
-    Covers `home`, SQLite URLs (`sqlite:///relative.db`), MLflow's URIs and artifact location, local
-    model directories (those that exist, or written `./dir` when not built yet), suite files and rubric
-    files. HF model ids (`org/name`) and absolute paths are left as they are; so are the dotted keys in `keep` (set from the environment: relative to the
-    working directory, where the variable was set).
+    Covers `home`, the gateway's spool directory, SQLite URLs (`sqlite:///relative.db`), MLflow's URIs
+    and artifact location, local model directories (those that exist, or written `./dir` when not built
+    yet), suite files and rubric files. HF model ids (`org/name`) and absolute paths are left as they
+    are; so are the dotted keys in `keep` (set from the environment: relative to the working directory,
+    where the variable was set).
     """
 
     def path(value: str) -> str:
@@ -402,6 +425,9 @@ def resolve_relative_paths(
             ),
             "serving": config.serving.model_copy(
                 update={"base_model": pick("serving.base_model", config.serving.base_model, model)}
+            ),
+            "gateway": config.gateway.model_copy(
+                update={"spool_dir": pick("gateway.spool_dir", config.gateway.spool_dir, path)}
             ),
             "tracks": tracks,
         }

@@ -206,6 +206,41 @@ class Deployment(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
 
 
+class Route(Base):
+    """What a track's stable name serves now: the gateway resolves `<track>` to `adapter_name`.
+
+    One row per track, changed only by a flip (deploy or rollback) in one statement, so every gateway
+    process reading the table sees either the old route or the new one, never a mix.
+    """
+
+    __tablename__ = "routes"
+
+    track: Mapped[str] = mapped_column(String(100), primary_key=True)
+    version: Mapped[str] = mapped_column(String(50))  # the registry version, e.g. "3"
+    adapter_name: Mapped[str] = mapped_column(String(200))  # the pinned vLLM name, `<track>@v<N>`
+    previous_version: Mapped[str | None] = mapped_column(String(50))  # what a rollback flips back to
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utc_now)
+
+
+class ApiKey(Base):
+    """A gateway API key: only its sha256 is stored; the clear key is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)  # who holds it; logged with its traffic
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    tracks: Mapped[list[str]] = mapped_column(JsonDoc)  # tracks it may call; ["*"]: all
+    consent_default: Mapped[bool] = mapped_column(Boolean, default=True)  # without X-Overnight-Consent
+    # False: traffic without consent is not stored at all (True: stored with consent false)
+    store_traffic: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utc_now)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+    def allows(self, track: str) -> bool:
+        return "*" in self.tracks or track in self.tracks
+
+
 class QuarantinedRow(Base):
     """A row that could not be used, kept whole with where it came from and why."""
 

@@ -13,6 +13,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,95 @@ def log_feedback(
         connection.execute(insert(FeedbackEvent), [_feedback_params(row_id, feedback, "api")])
 
 
+@dataclass(frozen=True)
+class LaterFeedback:
+    """Feedback on an interaction logged before it (in an earlier batch or earlier in the same one).
+
+    Stored once however often it is written (a replayed batch): an event with the same interaction,
+    source and `given_at` is already there.
+    """
+
+    interaction_id: str  # the interaction's client id
+    feedback: Feedback
+    source: str = "api"
+    given_at: datetime = field(default_factory=utc_now)  # when it was given: the event's `ts`
+
+
+LogItem = InteractionRecord | LaterFeedback | BadRow
+
+
+def log_in_order(engine: Engine, items: Sequence[LogItem]) -> IngestReport:
+    """Write records, later feedback and bad rows in one transaction, in the order given.
+
+    For a writer that must not lose anything (the gateway's): the batch is stored whole or not at all,
+    records keep their order as log positions, a replayed batch stores no record or feedback twice, and
+    feedback whose interaction is not stored is quarantined with the reason instead of failing the batch.
+    """
+    report = IngestReport()
+    with engine.begin() as connection:
+        for group in _runs_of_one_kind(items):
+            records = [item for item in group if isinstance(item, InteractionRecord)]
+            feedback = [item for item in group if isinstance(item, LaterFeedback)]
+            bad = [item for item in group if isinstance(item, BadRow)]
+            if records:
+                inserted = _insert_records(connection, records)
+                report.accepted += inserted
+                report.duplicates += len(records) - inserted
+            if feedback:
+                bad += _insert_later_feedback(connection, feedback)
+            report.quarantined += quarantine(connection, bad)
+            report.reasons.update(_reason_kind(row.reason) for row in bad)
+    return report
+
+
 # -- internals ---------------------------------------------------------------------------------------
+
+
+def _runs_of_one_kind(items: Sequence[LogItem]) -> Iterator[list[LogItem]]:
+    """Consecutive items of the same type, in order."""
+    group: list[LogItem] = []
+    for item in items:
+        if group and type(item) is not type(group[0]):
+            yield group
+            group = []
+        group.append(item)
+    if group:
+        yield group
+
+
+def _insert_later_feedback(connection: Connection, items: Sequence[LaterFeedback]) -> list[BadRow]:
+    """Insert feedback on stored interactions, once each; the rest come back as bad rows to quarantine."""
+    keys = {f"id:{item.interaction_id}" for item in items}
+    statement = select(Interaction.dedup_key, Interaction.id).where(Interaction.dedup_key.in_(keys))
+    row_ids: dict[str, int] = {key: row_id for key, row_id in connection.execute(statement)}
+    events = select(FeedbackEvent.interaction_id, FeedbackEvent.source, FeedbackEvent.ts).where(
+        FeedbackEvent.interaction_id.in_(set(row_ids.values()))
+    )
+    stored = {tuple(row) for row in connection.execute(events)}
+    params: list[dict[str, Any]] = []
+    unknown: list[LaterFeedback] = []
+    for item in items:
+        row_id = row_ids.get(f"id:{item.interaction_id}")
+        if row_id is None:
+            unknown.append(item)
+        elif (row_id, item.source, item.given_at) not in stored:
+            stored.add((row_id, item.source, item.given_at))
+            params.append({**_feedback_params(row_id, item.feedback, item.source), "ts": item.given_at})
+    if params:
+        connection.execute(insert(FeedbackEvent), params)
+    return [_unknown_feedback_row(item) for item in unknown]
+
+
+def _unknown_feedback_row(item: LaterFeedback) -> BadRow:
+    data = {
+        "interaction_id": item.interaction_id,
+        **item.feedback.model_dump(exclude_none=True),
+        "given_at": item.given_at.isoformat(),
+    }
+    return BadRow(
+        item.source, None, f"feedback for unknown interaction {item.interaction_id!r}", json.dumps(data)
+    )
+
 
 Validated = InteractionRecord | BadRow
 

@@ -1,0 +1,55 @@
+"""The route table: which pinned adapter each track's stable name serves, shared by every gateway.
+
+A deploy loads the new version under its pinned name everywhere, then flips the route; a rollback is
+the same flip toward an older version. The flip is one INSERT ... ON CONFLICT DO UPDATE statement, so
+it is atomic on SQLite and PostgreSQL alike, two racing flips never lose the previous version, and
+gateway processes polling `read_routes` see the old route or the new one, never half of each.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, case, select
+from sqlalchemy.orm import Session
+
+from storage.models import Route, utc_now
+from storage.writes import dialect_insert
+
+__all__ = ["flip_route", "read_routes"]
+
+
+def flip_route(engine: Engine, track: str, version: str, adapter_name: str) -> Route:
+    """Point `track` at `adapter_name` (version `version`), keeping what it served as `previous_version`.
+
+    Flipping to the version already served changes nothing but `updated_at` (a re-run after a crash).
+    """
+    with engine.begin() as connection:
+        insert = dialect_insert(connection, Route)
+        table = Route.__table__
+        statement = insert.values(
+            track=track,
+            version=version,
+            adapter_name=adapter_name,
+            previous_version=None,
+            updated_at=utc_now(),
+        ).on_conflict_do_update(
+            index_elements=["track"],
+            set_={
+                "previous_version": case(
+                    (table.c.version == insert.excluded.version, table.c.previous_version),
+                    else_=table.c.version,
+                ),
+                "version": insert.excluded.version,
+                "adapter_name": insert.excluded.adapter_name,
+                "updated_at": insert.excluded.updated_at,
+            },
+        )
+        connection.execute(statement)
+    return read_routes(engine)[track]
+
+
+def read_routes(engine: Engine) -> dict[str, Route]:
+    """Every track's route (detached rows, read-only), by track."""
+    with Session(engine, expire_on_commit=False) as session:
+        rows = session.scalars(select(Route)).all()
+        session.expunge_all()
+    return {row.track: row for row in rows}
