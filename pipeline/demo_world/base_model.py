@@ -418,7 +418,7 @@ def _build_in_child(
     command = [
         sys.executable,
         "-m",
-        __name__,
+        "pipeline.demo_world.base_model",  # not __name__: that is "__main__" when run with -m
         str(out_dir),
         "--spec",
         json.dumps(asdict(spec)),

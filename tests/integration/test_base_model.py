@@ -169,3 +169,19 @@ def test_a_planted_regression_of_the_base_is_refused_naming_the_suites(
     assert not report.passed
     assert {"suite/demo-arithmetic", "suite/demo-support", "suite/demo-json"} <= set(report.failed_gates())
     assert report.reason().startswith("suite/")
+
+
+def test_the_command_line_builds_as_the_test_script_runs_it(tmp_path: Path) -> None:
+    """`python -m pipeline.demo_world.base_model DIR` (how scripts/test.sh builds the cache) starts
+    its pinned child by the module's name, not `__main__`."""
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    command = [sys.executable, "-m", "pipeline.demo_world.base_model", str(tmp_path / "base")]
+    command += ["--spec", json.dumps(asdict(MINI)), "--recipe", json.dumps(asdict(MINI_RECIPE))]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "pretraining step 2/2" in done.stdout
+    stamp = read_stamp(tmp_path / "base")
+    assert stamp is not None and stamp["recipe"]["steps"] == 2
