@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -442,7 +443,9 @@ def _build_in_child(
                     on_progress(line[len(PROGRESS) :].strip())
             returncode = child.wait()
         except BaseException:
-            child.terminate()  # it removes its staging directory on the way out
+            # SIGINT, not SIGTERM: the child unwinds as from Ctrl-C, and its `finally` removes
+            # its staging directory on the way out.
+            child.send_signal(signal.SIGINT)
             child.wait()
             raise
     if returncode != 0:
@@ -517,8 +520,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--in-process", action="store_true", help="build here, with this process's kernels")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    flags = {"steps": args.steps, "carry_drop": args.carry_drop, "batch_size": args.batch_size}
-    flags["peak_lr"] = args.peak_lr
+    flags = {
+        "steps": args.steps,
+        "carry_drop": args.carry_drop,
+        "batch_size": args.batch_size,
+        "peak_lr": args.peak_lr,
+    }
     recipe = Recipe(**{**args.recipe, **{k: v for k, v in flags.items() if v is not None}})
     spec = BaseModelSpec(**args.spec)
 
