@@ -1,16 +1,17 @@
-"""Serving benchmark: hot-swap vs restart, latency during swaps, multi-adapter throughput.
+"""Serving benchmark: deploy (route flip) vs restart, latency during deploys, multi-adapter throughput.
 
-One real vLLM server on the tiny model (CPU build on a machine without a GPU), measured side by side
-in one run:
-  - swap latency (`pipeline.deploy.hotswap.deploy`: checksum, load, probe, switch, reset, verify, prune,
-    record; start to verified) p50/max over `--swaps` swaps, vs a full restart (stop, start, load
+One real vLLM server on the tiny model (CPU build on a machine without a GPU) with the gateway in
+front of it (as `overnight serve` runs them), measured side by side in one run:
+  - swap latency (`pipeline.deploy.hotswap.deploy`: checksum, route read, load, probe, prune, route
+    flip; start to flipped) p50/max over `--swaps` deploys, vs a full restart (stop, start, load
     the champion, first answer), as a ratio;
-  - request latency p50/p99 of 8 concurrent clients (half streaming) in steady state vs during the
-    swaps, and the number of failed requests;
+  - request latency p50/p99 of 8 concurrent clients (half streaming) calling the stable name through
+    the gateway in steady state vs during the deploys, and the number of failed requests;
+  - which version answered: every request sent a second or more after a flip must be answered by
+    the new version (`X-Overnight-Model`), and every answer must be in the store with that version;
   - completion throughput (8 concurrent clients, 32 tokens each, `ignore_eos`) with the base model
-    alone vs 1, 2 and 4 adapters active, in interleaved rounds; and the stable name after an in-place
-    swap vs a pinned name (vLLM keeps `load_inplace` on the stored request, which reloads the adapter
-    every engine step).
+    alone vs 1, 2 and 4 adapters active, in interleaved rounds, direct to vLLM; and the stable name
+    through the gateway (routed to a pinned name) against the same pinned name direct.
 
     .venv/bin/python bench/serve.py [--swaps 20] [--seconds 8]
 """
@@ -37,14 +38,18 @@ from transformers import AutoModelForCausalLM
 
 import storage
 from pipeline.adapters import AdapterVersion, adapter_sha256
+from pipeline.config import GatewayConfig
 from pipeline.demo_world.tiny_model import build_tiny_model
+from pipeline.deploy.gateway import create_app
+from pipeline.deploy.gateway.server import GatewayServer
 from pipeline.deploy.hotswap import PROBE_PROMPTS, deploy
-from pipeline.deploy.serving import load_champions, start_serving
+from pipeline.deploy.serving import load_champions, seed_routes, start_serving
 from pipeline.deploy.vllm_client import VllmClient
 from pipeline.deploy.vllm_process import ServerSpec, VllmServer, free_port
-from storage.models import Deployment
+from storage.models import Deployment, Interaction
 
 CLIENTS = 8
+FLIP_SECONDS = 1.0  # a flip reaches every gateway within this (the route is re-read every 0.5 s)
 PROMPTS = ("Hi!", "My printer is missing a part.", "What is 3 + 4?", "Thanks, bye.")
 
 
@@ -75,6 +80,8 @@ class Load:
     latencies: list[float] = field(default_factory=list)
     failures: int = 0
     tokens: int = 0
+    # (sent at, perf_counter; the adapter that answered, X-Overnight-Model; the interaction id)
+    answers: list[tuple[float, str, str]] = field(default_factory=list)
 
 
 async def _chat(http: httpx.AsyncClient, model: str, prompt: str, stream: bool, load: Load) -> None:
@@ -97,6 +104,9 @@ async def _chat(http: httpx.AsyncClient, model: str, prompt: str, stream: bool, 
         ok = False
     if ok:
         load.latencies.append(time.perf_counter() - start)
+        served = response.headers.get("x-overnight-model")
+        if served is not None:
+            load.answers.append((start, served, response.headers["x-overnight-interaction-id"]))
     else:
         load.failures += 1
 
@@ -159,7 +169,7 @@ def restart_seconds(server: VllmServer, champion: AdapterVersion) -> float:
     server.start(timeout_seconds=600)
     with VllmClient(server.base_url) as client:
         load_champions(client, [champion])
-        client.chat(champion.track, PROBE_PROMPTS[0], max_tokens=16)
+        client.chat(champion.pinned_name, PROBE_PROMPTS[0], max_tokens=16)
     return time.perf_counter() - start
 
 
@@ -169,29 +179,80 @@ class SwapFigures:
     during: Load  # the same load while swapping
     swap_seconds: list[float]
     steps: list[tuple[str, float]]  # median ms per deploy step
+    flips: list[tuple[float, str]]  # (perf_counter when the deploy returned, route flipped; pinned name)
+
+
+@dataclass(frozen=True)
+class Versions:
+    """Which version answered the requests sent after each flip, and what the store logged."""
+
+    after_refresh: int  # requests sent later than `refresh` after a flip (and before the next)
+    stale_after_refresh: int  # of those, answered by another version than the flip's: must be 0
+    stale_in_window: int  # sent within `refresh` of a flip and answered by the version before it
+    logged: int  # answers found in the store
+    logged_other_version: int  # stored with another adapter than the one the answer named: must be 0
+    not_logged: int  # answered but not stored: must be 0
+
+
+def check_versions(figures: SwapFigures, engine: Engine, refresh: float) -> Versions:
+    answers = sorted(figures.during.answers)
+    flips = figures.flips
+    after = stale_after = stale_window = 0
+    for sent, served, _ in answers:
+        earlier = [(at, name) for at, name in flips if at <= sent]
+        if not earlier:
+            continue
+        at, name = earlier[-1]
+        if sent - at >= refresh:
+            after += 1
+            stale_after += served != name
+        else:
+            stale_window += served != name
+    want = {interaction: served for _, served, interaction in [*figures.steady.answers, *answers]}
+    with Session(engine) as session:
+        rows = session.execute(
+            select(Interaction.client_id, Interaction.model).where(Interaction.client_id.in_(list(want)))
+        ).all()
+    stored = {str(client_id): model for client_id, model in rows}
+    return Versions(
+        after_refresh=after,
+        stale_after_refresh=stale_after,
+        stale_in_window=stale_window,
+        logged=len(stored),
+        logged_other_version=sum(stored[i] != want[i] for i in stored),
+        not_logged=len(set(want) - set(stored)),
+    )
 
 
 def swaps_under_load(
-    server: VllmServer, versions: list[AdapterVersion], swaps: int, engine: Engine, steady_seconds: float
+    server: VllmServer,
+    gateway_url: str,
+    versions: list[AdapterVersion],
+    swaps: int,
+    engine: Engine,
+    steady_seconds: float,
 ) -> SwapFigures:
     steady, during = Load(), Load()
     stop = threading.Event()
-    thread = chat_load(server.base_url, versions[0].track, stop, steady)
+    thread = chat_load(gateway_url, versions[0].track, stop, steady)
     time.sleep(steady_seconds)
     stop.set()
     thread.join()
     stop = threading.Event()
-    thread = chat_load(server.base_url, versions[0].track, stop, during)
-    seconds = []
+    thread = chat_load(gateway_url, versions[0].track, stop, during)
+    seconds, flips = [], []
     try:
         time.sleep(1.0)  # every client has a request in flight before the first swap
         for i in range(swaps):
-            result = deploy(versions[(i + 1) % 2], [server.base_url], engine=engine)
+            target = versions[(i + 1) % 2]
+            result = deploy(target, [server.base_url], engine=engine, unload_grace_seconds=0)
+            flips.append((time.perf_counter(), target.pinned_name))
             seconds.append(result.seconds)
+            time.sleep(FLIP_SECONDS + 1.0)  # requests past the flip's visibility before the next one
     finally:
         stop.set()
         thread.join()
-    return SwapFigures(steady, during, seconds, step_breakdown(engine))
+    return SwapFigures(steady, during, seconds, step_breakdown(engine), flips)
 
 
 def step_breakdown(engine: Engine) -> list[tuple[str, float]]:
@@ -202,22 +263,69 @@ def step_breakdown(engine: Engine) -> list[tuple[str, float]]:
 
 
 def throughputs(
-    base_url: str, adapters: list[AdapterVersion], rounds: int, requests: int
+    base_url: str, gateway_url: str, adapters: list[AdapterVersion], rounds: int, requests: int
 ) -> dict[str, float]:
     scenarios = {
-        "base only": ["tiny"],
-        "1 adapter": [adapters[0].pinned_name],
-        "2 adapters": [a.pinned_name for a in adapters[:2]],
-        "4 adapters": [a.pinned_name for a in adapters[:4]],
-        "stable name after in-place swap": [adapters[0].track],
+        "base only": (base_url, ["tiny"]),
+        "1 adapter": (base_url, [adapters[0].pinned_name]),
+        "2 adapters": (base_url, [a.pinned_name for a in adapters[:2]]),
+        "4 adapters": (base_url, [a.pinned_name for a in adapters[:4]]),
+        "stable name through the gateway": (gateway_url, [adapters[0].track]),
     }
     totals: dict[str, list[float]] = {name: [] for name in scenarios}
-    for models in scenarios.values():  # warm-up round, not counted
-        asyncio.run(_throughput(base_url, models, CLIENTS))
+    for url, models in scenarios.values():  # warm-up round, not counted
+        asyncio.run(_throughput(url, models, CLIENTS))
     for _ in range(rounds):
-        for name, models in scenarios.items():
-            totals[name].append(asyncio.run(_throughput(base_url, models, requests)))
+        for name, (url, models) in scenarios.items():
+            totals[name].append(asyncio.run(_throughput(url, models, requests)))
     return {name: statistics.median(values) for name, values in totals.items()}
+
+
+def proc_stat(stat: str) -> tuple[int, int]:
+    """(process group, utime + stime in clock ticks) from a /proc/<pid>/stat line."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[2]), int(fields[11]) + int(fields[12])
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of process group `pgid` (vLLM's server, engine core and workers)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if proc_stat(stat.read_text())[0] == pgid:
+                pids.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return pids
+
+
+@dataclass(frozen=True)
+class Cores:
+    """Where vLLM runs and where the rest does. vLLM's CPU engine spins its OpenMP threads on every
+    core it is given, so on a shared core any other process's work (the gateway, the clients) is lost
+    engine time; pinned apart, each side gets its own, as on a GPU server."""
+
+    vllm: int | None  # the core vLLM is pinned to; None: not pinned
+    rest: frozenset[int]
+
+    @classmethod
+    def split(cls, *, pin: bool) -> Cores:
+        cores = sorted(os.sched_getaffinity(0))
+        if not pin or len(cores) < 2:
+            return cls(None, frozenset(cores))
+        return cls(cores[0], frozenset(cores[1:]))
+
+    def vllm_env(self) -> dict[str, str]:
+        return {} if self.vllm is None else {"VLLM_CPU_OMP_THREADS_BIND": str(self.vllm)}
+
+    def apply(self, server: VllmServer) -> str:
+        """Pin a started server's processes and this one (children inherit it); what was done, in words."""
+        if self.vllm is None:
+            return "not pinned"
+        for pid in group_pids(server.pid or 0):
+            os.sched_setaffinity(pid, {self.vllm})
+        os.sched_setaffinity(0, set(self.rest))
+        return f"vLLM pinned to core {self.vllm}, the rest to {sorted(self.rest)}"
 
 
 def hardware() -> str:
@@ -241,6 +349,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="steady-state load before the swaps")
     parser.add_argument("--requests", type=int, default=48, help="completions per throughput measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds")
+    parser.add_argument("--no-pin", action="store_true", help="vLLM and the rest share every core")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="overnight-bench-serve-"))
     model = build_tiny_model(work / "tiny-model")
@@ -248,31 +357,51 @@ def main() -> None:
     others = [version(model, work / "adapters", f"track{n}", 1, seed=10 + n) for n in (2, 3, 4)]
     engine = storage.make_engine(f"sqlite:///{work / 'overnight.db'}")
     storage.upgrade(engine)
+    cores = Cores.split(pin=not args.no_pin)
     spec = ServerSpec(
         model=str(model), served_name="tiny", port=free_port(), dtype="float32", max_model_len=1024,
-        max_loras=4, log_file=work / "server.log",
+        max_loras=4, log_file=work / "server.log", env=cores.vllm_env(),
     )  # fmt: skip
     first_start = time.perf_counter()
     server = start_serving(spec, [support[0], *others], timeout_seconds=600)
+    startup = time.perf_counter() - first_start
+    layout = cores.apply(server)  # the gateway runs in this process: on the cores vLLM is not on
+    seed_routes(engine, [support[0], *others])
+    settings = GatewayConfig(port=free_port(), spool_dir=str(work / "spool"))
+    tracks = [a.track for a in (support[0], *others)]
+    app = create_app(engine, endpoints=[server.base_url], base_name="tiny", tracks=tracks, settings=settings)
     try:
-        startup = time.perf_counter() - first_start
-        with VllmClient(server.base_url) as client:
-            client.load_adapter(support[1].pinned_name, str(support[1].path))
-        swapped = swaps_under_load(server, support, args.swaps, engine, args.seconds)
-        rates = throughputs(server.base_url, [support[0], *others], args.rounds, args.requests)
+        with GatewayServer(app, settings.host, settings.port) as gateway:
+            with VllmClient(server.base_url) as client:
+                client.load_adapter(support[1].pinned_name, str(support[1].path))
+            swapped = swaps_under_load(server, gateway.base_url, support, args.swaps, engine, args.seconds)
+            rates = throughputs(
+                server.base_url, gateway.base_url, [support[0], *others], args.rounds, args.requests
+            )
+        versions = check_versions(swapped, engine, FLIP_SECONDS)  # the gateway stopped: its log flushed
         restart = restart_seconds(server, support[0])
     finally:
         server.stop()
-    report(startup, restart, swapped, rates, args.swaps)
+    report(startup, restart, swapped, rates, args.swaps, versions, layout)
 
 
-def report(startup: float, restart: float, swapped: SwapFigures, rates: dict[str, float], swaps: int) -> None:
+def report(
+    startup: float,
+    restart: float,
+    swapped: SwapFigures,
+    rates: dict[str, float],
+    swaps: int,
+    versions: Versions,
+    layout: str,
+) -> None:
     swap_p50 = statistics.median(swapped.swap_seconds)
     steady, during = swapped.steady, swapped.during
-    print(f"\nhardware: {hardware()}; torch {torch.__version__}; tiny Llama (0.56M params), float32")
+    print(
+        f"\nhardware: {hardware()}; torch {torch.__version__}; tiny Llama (0.56M params), float32; {layout}"
+    )
     print("\n| figure | value |\n|---|---|")
     print(
-        f"| swap latency, {swaps} swaps under load (deploy start to verified) | p50 {swap_p50 * 1000:.0f} ms, "
+        f"| swap latency, {swaps} deploys under load (deploy start to route flipped) | p50 {swap_p50 * 1000:.0f} ms, "
         f"max {max(swapped.swap_seconds) * 1000:.0f} ms |"
     )
     print(
@@ -288,8 +417,25 @@ def report(startup: float, restart: float, swapped: SwapFigures, rates: dict[str
     base = rates["base only"]
     for name, rate in rates.items():
         print(f"| throughput, {name} | {rate:,.0f} tok/s ({rate / base:.2f}x base) |")
+    stable, pinned = rates["stable name through the gateway"], rates["1 adapter"]
+    print(f"| stable name through the gateway / the pinned name direct | **{stable / pinned:.2f}x** |")
+    print(
+        f"| requests sent {FLIP_SECONDS:.0f} s or more after a flip answered by another version | "
+        f"{versions.stale_after_refresh} of {versions.after_refresh} |"
+    )
+    print(
+        f"| requests sent within {FLIP_SECONDS:.0f} s of a flip answered by the version before | {versions.stale_in_window} |"
+    )
+    print(
+        f"| answers logged with the version that served them | {versions.logged - versions.logged_other_version} of "
+        f"{versions.logged + versions.not_logged} ({versions.not_logged} not logged) |"
+    )
     if steady.failures or during.failures:
         raise SystemExit(f"{steady.failures + during.failures} requests failed")
+    if versions.stale_after_refresh or versions.logged_other_version or versions.not_logged:
+        raise SystemExit(
+            "a request after a flip was answered by the old version, or an answer was not logged"
+        )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from evals.graders import Sample, last_number
+from evals.sample import Sample, last_number
 
 __all__ = ["ArithmeticGrader", "question_value"]
 

@@ -45,6 +45,8 @@ from pydantic import (
     field_validator,
 )
 
+from evals.arithmetic import ArithmeticGrader
+from evals.sample import Sample, last_number
 from storage.errors import UserError
 from storage.records import describe_validation_error
 
@@ -81,16 +83,6 @@ __all__ = [
     "validated",
     "weighted_grader",
 ]
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One thing to grade: the conversation so far, the model's reply and what a good reply is."""
-
-    messages: list[dict[str, str]]  # the prompt, as chat messages
-    response: str  # the model's reply being graded
-    reference: str | None = None  # the expected answer, when the suite line has one
-    metadata: Mapping[str, Any] = field(default_factory=dict)  # anything else from the suite line
 
 
 class Grader(Protocol):
@@ -308,19 +300,6 @@ class CallableGrader:
         return float(value)
 
 
-# The last number in a text: optional sign (not a hyphen between digits), thousands separators,
-# decimals, exponent. "3-5" gives 5, "-7" gives -7, "1,234.5" gives 1234.5, "42." gives 42.
-_NUMBER = re.compile(
-    r"(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|(?<![\w.])-?\.\d+"
-)
-
-
-def last_number(text: str) -> float | None:
-    """The last number written in `text`, or None when it has none."""
-    matches = _NUMBER.findall(text)
-    return float(matches[-1].replace(",", "")) if matches else None
-
-
 @dataclass(frozen=True)
 class NumericGrader:
     """1.0 when the last number in the response equals the expected one within the tolerance.
@@ -484,8 +463,6 @@ class ArithmeticSpec(_GraderSpec):
     tolerance: _NonNegative = 1e-9
 
     def build(self) -> Grader:
-        from evals.arithmetic import ArithmeticGrader  # evals.arithmetic imports this module
-
         return ArithmeticGrader(**self.options())
 
 

@@ -7,8 +7,11 @@ competent demo base model (`pipeline.demo_world.base_model`, about 10 minutes th
 writes the suites that test its skills, starts a local vLLM CPU server on it, and then, night
 after night: generates that day's synthetic traffic for two tracks (with PII, duplicates, heavy
 users and malformed lines), ingests it, and runs the real nightly flow (harvest, judge, select,
-train, gate, register, hot-swap, commit). After the last night it asks each track's stable name a
-question through the server, and the math track (and the base) every sum of the arithmetic suite.
+train, gate, register, deploy, commit); a deploy loads the new version into vLLM and flips the
+track's route in the gateway started in front of it, as `overnight serve` does. After the last night
+it asks each track's stable name a question through the gateway, and the math track (and the base)
+every sum of the arithmetic suite; the gateway logs those exchanges into the demo's store, as it
+would a user's traffic for the next night.
 
 The `math` track asks the arithmetic the base learned only partly (it forgets carries) and is
 rewarded by a verifiable exact-answer grader; its gain must be confirmed by the arithmetic suite,
@@ -27,14 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from sqlalchemy import func, select
 
 import storage
 from evals.suites import write_suite
 from pipeline.config import OvernightConfig, load_config
 from pipeline.demo_world import skills
 from pipeline.demo_world import synthetic_traffic as synthetic_traffic
+from pipeline.deploy.gateway.app import create_app
+from pipeline.deploy.gateway.server import GatewayServer
 from pipeline.deploy.vllm_client import VllmClient
 from pipeline.deploy.vllm_process import ServerSpec, free_port
+from storage.models import Interaction
+from storage.routes import read_routes
 
 DEMO_HOME = Path(".overnight/demo")
 MALFORMED_EVERY = 50  # one malformed line per this many records, as real logs have
@@ -68,7 +76,7 @@ QUESTIONS = {
 }
 
 
-def demo_settings(port: int) -> dict[str, Any]:
+def demo_settings(port: int, gateway_port: int = 8080) -> dict[str, Any]:
     """The demo's overnight.yaml as data: two tracks sized for a tiny model on two CPU cores.
 
     Paths are relative to the file, which lives in the demo's home: `overnight -c
@@ -99,6 +107,7 @@ def demo_settings(port: int) -> dict[str, Any]:
             "port": port,
             "dtype": "float32",
         },
+        "gateway": {"port": gateway_port, "spool_dir": "gateway-spool"},
         "judge": {
             "budget_items": JUDGE_BUDGET,
             "stage_items": JUDGE_STAGE_ITEMS,
@@ -154,7 +163,7 @@ def demo_settings(port: int) -> dict[str, Any]:
     }
 
 
-def prepare_home(home: Path, port: int) -> tuple[Path, OvernightConfig]:
+def prepare_home(home: Path, port: int, gateway_port: int = 8080) -> tuple[Path, OvernightConfig]:
     """A clean demo home (the cached base model kept) with its suites and overnight.yaml; returns
     (path, config)."""
     home.mkdir(parents=True, exist_ok=True)
@@ -169,7 +178,8 @@ def prepare_home(home: Path, port: int) -> tuple[Path, OvernightConfig]:
         write_suite(suite, home / SUITE_FILES[suite.name])
     path = home / "overnight.yaml"
     header = "# Written by `overnight demo`; rewritten on every demo run.\n"
-    path.write_text(header + yaml.safe_dump(demo_settings(port), sort_keys=False), encoding="utf-8")
+    settings = demo_settings(port, gateway_port)
+    path.write_text(header + yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
     return path, load_config(path, environ={})
 
 
@@ -186,7 +196,7 @@ def run_demo(
     from pipeline.deploy.serving import start_serving
 
     port = free_port()
-    config_path, config = prepare_home(home, port)
+    config_path, config = prepare_home(home, port, free_port())
     on_stage("building the demo base model (about 10 minutes the first time, then cached)")
     model_dir = build_base_model(config.serving.base_model, on_progress=on_stage)
     base_skills = (read_stamp(model_dir) or {}).get("skills", {})
@@ -204,7 +214,16 @@ def run_demo(
         log_file=home / "vllm.log",
     )
     server = start_serving(spec, [], timeout_seconds=config.serving.startup_timeout_seconds)
+    front = None
     try:
+        app = create_app(
+            engine,
+            endpoints=config.serving.endpoints,
+            base_name=config.serving.base_name,
+            tracks=[track.name for track in config.tracks],
+            settings=config.gateway,
+        )
+        front = GatewayServer(app, config.gateway.host, config.gateway.port).start()
         done = []
         for night in range(1, nights + 1):
             day = synthetic_traffic.DEFAULT_START + timedelta(days=night - 1)
@@ -214,9 +233,14 @@ def run_demo(
             done.append(
                 {"night": night, "label": result["night"], "ingest": ingest, "tracks": result["tracks"]}
             )
-        on_stage("asking each track's stable name through the server")
-        answers = _ask_tracks(config, spec.base_url)
+        on_stage("asking each track's stable name through the gateway")
+        logged_before = _count_interactions(engine)
+        answers = _ask_tracks(config, front.base_url, engine)
+        front.stop()  # flushes the gateway's log of those exchanges into the store
+        captured = _count_interactions(engine) - logged_before
     finally:
+        if front is not None:
+            front.stop()
         server.stop()
         engine.dispose()
     return {
@@ -227,6 +251,7 @@ def run_demo(
         "note": NOTE,
         "nights": done,
         "answers": answers,
+        "gateway": {"url": f"http://{config.gateway.host}:{config.gateway.port}/v1", "captured": captured},
         "browse": {
             "mlflow": f"mlflow ui --backend-store-uri {config.mlflow.tracking_uri}",
             "prefect": "prefect server start  (then run the demo again with PREFECT_API_URL set to see its flow runs)",
@@ -258,8 +283,14 @@ def _math_question(rng: random.Random) -> tuple[str, str, int]:
     )
 
 
-def _ask_tracks(config: OvernightConfig, base_url: str) -> list[dict[str, Any]]:
-    """One greedy request to every stable name the server knows (tracks without a champion: the base).
+def _count_interactions(engine: Any) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(select(func.count()).select_from(Interaction)).scalar_one())
+
+
+def _ask_tracks(config: OvernightConfig, gateway_url: str, engine: Any) -> list[dict[str, Any]]:
+    """One greedy request to every track's stable name through the gateway (a track without a route
+    yet: the base), which answers with the version the route points at and logs the exchange.
 
     The math track is also asked every question of the arithmetic suite (unseen sums), through its
     stable name and through the base: `right` and `base_right` say how many each answered exactly,
@@ -267,21 +298,24 @@ def _ask_tracks(config: OvernightConfig, base_url: str) -> list[dict[str, Any]]:
     answers = []
     suite = next(suite for suite in skills.demo_suites() if suite.name == "demo-arithmetic")
     questions = [list(case.messages) for case in suite.cases]
-    with VllmClient(base_url) as client:
-        served = set(client.adapters())
+    routes = read_routes(engine)
+    base = config.serving.base_name
+    with VllmClient(gateway_url) as client:
         for track in config.tracks:
-            name = track.name if track.name in served else config.serving.base_name
+            route = routes.get(track.name)
+            name = track.name if route is not None else base
             question = QUESTIONS.get(track.name, "Hello!")
             reply = client.chat(name, [{"role": "user", "content": question}], max_tokens=24)
             answer: dict[str, Any] = {
                 "track": track.name,
                 "served_by": name,
+                "version": route.adapter_name if route is not None else base,
                 "question": question,
                 "answer": reply,
             }
             if track.name == "math":
                 answer["asked"] = len(questions)
-                for key, model in (("right", name), ("base_right", config.serving.base_name)):
+                for key, model in (("right", name), ("base_right", base)):
                     replies = client.chat_many(model, questions, max_tokens=16)
                     answer[key] = int(
                         sum(case.score(r) for case, r in zip(suite.cases, replies, strict=True))

@@ -1,6 +1,6 @@
 """`overnight-rollback`: the rollback as a Prefect flow, so it can be started from the Prefect UI.
 
-The same procedure as `overnight rollback`: hot-swap every endpoint back to the `previous` version
+The same procedure as `overnight rollback`: flip the route back to the `previous` version
 (or `to_version`), then move the registry aliases; the vLLM calls retry like the nightly flow's.
 """
 

@@ -77,7 +77,9 @@ class HarvestConfig(Section):
 
 
 class TrackFilter(Section):
-    models: list[str] = Field(default_factory=list)  # only interactions served by these models (empty: any)
+    # only interactions served by these models (empty: any); `support` also matches its pinned
+    # versions `support@v<N>`, the name the gateway logs as the one that answered
+    models: list[str] = Field(default_factory=list)
     metadata: dict[str, str | int | bool] = Field(
         default_factory=dict
     )  # only interactions whose metadata matches
@@ -214,6 +216,9 @@ class ServingConfig(Section):
     keep_versions: int = Field(
         default=2, ge=2
     )  # pinned `<track>@v<N>` names kept loaded per track (the previous champion stays for instant rollback)
+    # an older pinned version is unloaded only this long after the route's last flip took it off the
+    # stable name: longer than a gateway takes to see a flip and send what it resolved before it
+    unload_grace_seconds: float = Field(default=60.0, ge=0)
     max_lora_rank: int = Field(default=8, ge=1)
     max_model_len: int = Field(default=4096, ge=16)  # the judge prompt (rubric + conversation) must fit
     dtype: str = "auto"  # float32 on CPU
@@ -231,6 +236,9 @@ class GatewayConfig(Section):
     # Bearer API keys required; false (the embedded, one-machine default): anyone who reaches the port
     # may call every track, and a key sent anyway still applies its tracks and defaults
     require_keys: bool = False
+    # false: exchanges without consent are served but never stored (a key's `--no-store` does this
+    # for its own traffic); true: stored with consent false, which harvest never takes
+    store_without_consent: bool = True
     queue_size: int = Field(default=10_000, ge=1)  # exchanges waiting for the log writer; past it: the spool
     batch_size: int = Field(default=200, ge=1, le=100_000)  # exchanges per store write
     # an exchange waits at most this long to be written; also how often an unreachable store is retried

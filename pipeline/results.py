@@ -210,19 +210,21 @@ class Registered(StageResult):
 
 
 class Swap(StageResult):
-    """A hot-swap onto every endpoint (`pipeline.deploy.hotswap.deploy`): what serves where, how fast."""
+    """A deploy (`pipeline.deploy.hotswap.deploy`): the version loaded everywhere, the route flipped."""
 
     track: str
     version: int
     action: str  # deploy | rollback
-    endpoints: list[str]  # every endpoint now serving `version` under the stable name
-    seconds: float  # start of the deploy to the last endpoint verified and recorded
+    endpoints: list[str]  # every endpoint now serving `version` under its pinned name
+    seconds: float  # start of the deploy to the route flipped and recorded
     fingerprint: str  # sha256 of the pinned name's greedy probe replies (first endpoint)
-    previous: dict[str, int | None]  # per endpoint, the version the stable name served before
+    previous: dict[str, int | None]  # per endpoint, the version the route served before
+    unloaded: list[str] = []  # pinned versions pruned past `keep_versions`
+    prune: str = "done"  # done | deferred (the last flip is younger than `unload_grace_seconds`)
 
 
 class Deployed(StageResult):
-    """Whether the version serves; the swap record when it was hot-swapped."""
+    """Whether the version serves; the deploy's record when it was loaded and its route flipped."""
 
     deployed: bool
     version: int | None = None

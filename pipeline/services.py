@@ -3,7 +3,7 @@
 Why one object: the judge's budget (`judge.budget_items`), its statistics and its circuit breaker
 belong to a track's night, not to a stage; a judge built anew by the judge, train and gate stages
 (and by every retry) made the budget per stage. `judge_for(track)` builds one judge per track and
-hands the same one to every stage and retry of that track's night. The registry, the deployer (hot-swap onto every endpoint)
+hands the same one to every stage and retry of that track's night. The registry, the deployer (load on every endpoint, flip the route)
 and the gate's reply generator are likewise built from config once, after checking which serving
 endpoints answer. Tests build `NightServices` from fakes (`tests/fakes/`) and hand it in.
 """
@@ -43,7 +43,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Deployer = Callable[[AdapterVersion], Swap]  # hot-swap onto every endpoint; raises on failure
+Deployer = Callable[[AdapterVersion], Swap]  # load everywhere, flip the route; raises on failure
 NightLogFactory = Callable[[NightLogContext], NightLog]
 
 
@@ -98,16 +98,16 @@ def reachable_endpoints(config: OvernightConfig) -> list[str]:
 
 
 def swap(config: OvernightConfig, engine: Engine, adapter: AdapterVersion, action: str) -> Swap:
-    """Hot-swap `adapter` onto every configured endpoint (all or none); the swap's record."""
-    result = hotswap.deploy(
+    """Load `adapter` on every configured endpoint and flip its route (all or none); the deploy's record."""
+    return hotswap.deploy(
         adapter,
         config.serving.endpoints,
         engine=engine,
         api_key=api_key(config),
         keep_versions=config.serving.keep_versions,
+        unload_grace_seconds=config.serving.unload_grace_seconds,
         action=action,
     )
-    return result
 
 
 def night_services(config: OvernightConfig, engine: Engine) -> NightServices:

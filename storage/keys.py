@@ -29,6 +29,7 @@ __all__ = [
     "find_api_key",
     "interaction_owner",
     "key_sha256",
+    "list_api_keys",
     "new_key",
     "revoke_api_key",
 ]
@@ -84,6 +85,17 @@ def find_api_key(engine: Engine, key: str) -> ApiKey | None:
         ).first()
         session.expunge_all()
     return row
+
+
+def list_api_keys(engine: Engine, *, include_revoked: bool = False) -> list[ApiKey]:
+    """Every key's row (detached, read-only; the hash, never a key), oldest first."""
+    query = select(ApiKey).order_by(ApiKey.id)
+    if not include_revoked:
+        query = query.where(ApiKey.revoked_at.is_(None))
+    with Session(engine, expire_on_commit=False) as session:
+        rows = list(session.scalars(query))
+        session.expunge_all()
+    return rows
 
 
 def revoke_api_key(engine: Engine, name: str) -> bool:

@@ -191,7 +191,7 @@ class RunStage(Base):
 
 
 class Deployment(Base):
-    """One hot-swap (deploy or rollback) of a track's version onto one serving endpoint."""
+    """One deploy or rollback of a track's version onto one serving endpoint (load, probe, route flip)."""
 
     __tablename__ = "deployments"
 

@@ -8,22 +8,33 @@ gateway processes polling `read_routes` see the old route or the new one, never 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from sqlalchemy import Engine, case, select
 from sqlalchemy.orm import Session
 
-from storage.models import Route, utc_now
+from storage.models import Deployment, Route, utc_now
 from storage.writes import dialect_insert
 
 __all__ = ["flip_route", "read_routes"]
 
 
-def flip_route(engine: Engine, track: str, version: str, adapter_name: str) -> Route:
+def flip_route(
+    engine: Engine,
+    track: str,
+    version: str,
+    adapter_name: str,
+    *,
+    deployments: Sequence[Deployment] = (),
+) -> Route:
     """Point `track` at `adapter_name` (version `version`), keeping what it served as `previous_version`.
 
     Flipping to the version already served changes nothing but `updated_at` (a re-run after a crash).
+    `deployments` rows are written in the same transaction: the flip and its record happen together
+    or not at all.
     """
-    with engine.begin() as connection:
-        insert = dialect_insert(connection, Route)
+    with Session(engine) as session, session.begin():
+        insert = dialect_insert(session.connection(), Route)
         table = Route.__table__
         statement = insert.values(
             track=track,
@@ -43,7 +54,8 @@ def flip_route(engine: Engine, track: str, version: str, adapter_name: str) -> R
                 "updated_at": insert.excluded.updated_at,
             },
         )
-        connection.execute(statement)
+        session.execute(statement)
+        session.add_all(deployments)
     return read_routes(engine)[track]
 
 

@@ -51,12 +51,12 @@ class RunningGateway:
 
 @contextmanager
 def running_gateway(
-    engine: Engine, endpoints: Sequence[str], spool_dir: Path, **settings: Any
+    engine: Engine, endpoints: Sequence[str], spool_dir: Path, *, base_name: str = BASE, **settings: Any
 ) -> Iterator[RunningGateway]:
     """A started gateway in front of `endpoints`; settings override `GatewayConfig` fields."""
     defaults: dict[str, Any] = {"flush_seconds": 0.05, "health_interval_seconds": 0.2}
     config = GatewayConfig(spool_dir=str(spool_dir), **{**defaults, **settings})
-    app = create_app(engine, endpoints=endpoints, base_name=BASE, tracks=TRACKS, settings=config)
+    app = create_app(engine, endpoints=endpoints, base_name=base_name, tracks=TRACKS, settings=config)
     server = LoopbackServer(app).start()
     try:
         yield RunningGateway(server, app.state.gateway)

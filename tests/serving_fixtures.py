@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.adapters import AdapterVersion, adapter_sha256
-from pipeline.deploy.hotswap import PROBE_PROMPTS
+from pipeline.deploy.hotswap import PROBE_MAX_TOKENS, PROBE_PROMPTS
 
 LORA_RANK = 8
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -41,7 +41,9 @@ def make_adapter(model_dir: Path, out_dir: Path, *, seed: int) -> Path:
     return out_dir
 
 
-def greedy_replies(model_dir: Path, adapter_dir: Path | None, max_new_tokens: int = 16) -> list[str]:
+def greedy_replies(
+    model_dir: Path, adapter_dir: Path | None, max_new_tokens: int = PROBE_MAX_TOKENS
+) -> list[str]:
     """The probe prompts' greedy replies in-process (transformers), base model or base + adapter."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -2,15 +2,15 @@
 
 `app` holds the global options and error handling; `data` the store and tonight's data (init, db
 upgrade, ingest, harvest, judge); `night` the nightly loop (run, gate, demo, schedule); `release` what
-serves (status, deploy, rollback, serve). Importing this package registers every command.
+serves (status, deploy, rollback, serve, gateway); `keys` the gateway's API keys. Importing this package registers every command.
 """
 
 import signal
 
-from flows.cli import data, night, release
+from flows.cli import data, keys, night, release
 from flows.cli.app import app, exit_on_sigterm
 
-__all__ = ["app", "data", "main", "night", "release"]
+__all__ = ["app", "data", "keys", "main", "night", "release"]
 
 
 def main() -> None:

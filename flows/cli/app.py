@@ -64,7 +64,7 @@ app = typer.Typer(
     help="[b]overnight[/b]: make a served LLM better every night from its own traffic, safely.\n\n"
     "Each night, per track (a LoRA adapter line on a shared base model): harvest the day's interactions, "
     "judge them with an LLM (RLAIF), run a bounded LoRA RL update, refuse candidates that forget, register "
-    "the rest in MLflow and hot-swap them into vLLM.\n\n"
+    "the rest in MLflow and serve them through the gateway in front of vLLM.\n\n"
     "Start with [b]overnight init[/b], then [b]overnight db upgrade[/b]. Exit codes: 0 ok, 2 bad input or "
     "config, 1 internal error.",
 )

@@ -149,9 +149,10 @@ def demo(
     Each night: generate the day's traffic for the tracks [i]math[/i] (rewarded by the exact answer,
     its gain confirmed by the arithmetic suite) and [i]support[/i] (rewarded by the LLM judge, which
     on this base is noise, so its gate refuses it), ingest it, and run the nightly flow: harvest,
-    judge, select, bounded GRPO LoRA update, forgetting guard, MLflow registration, hot-swap into
-    the server. Then ask each track's stable name a question. The server is stopped on the way out,
-    Ctrl-C included.
+    judge, select, bounded GRPO LoRA update, forgetting guard, MLflow registration, deploy (the
+    version loaded into vLLM, the track's route flipped in the gateway in front of it). Then ask each
+    track's stable name a question through the gateway, which logs those exchanges into the demo's
+    store. The gateway and the server are stopped on the way out, Ctrl-C included.
     """
     from flows.demo import run_demo
 
@@ -175,7 +176,7 @@ def demo(
                 stdout.print(gate_table(entry["gate"], f"night {night['night']}, {entry['track']}: gate"))
     stdout.print(trend_table(summary["nights"]))
     answers = Table(
-        "track", "served by", "question", "answer", title="asked through the server after the last night"
+        "track", "served by", "question", "answer", title="asked through the gateway after the last night"
     )
     for answer in summary["answers"]:
         answers.add_row(answer["track"], answer["served_by"], answer["question"], repr(answer["answer"]))
@@ -183,9 +184,12 @@ def demo(
     for answer in summary["answers"]:
         if "asked" in answer:
             stdout.print(
-                f"{answer['track']} through the server, {answer['asked']} unseen sums (the arithmetic suite): "
+                f"{answer['track']} through the gateway, {answer['asked']} unseen sums (the arithmetic suite): "
                 f"[b]{answer['right']}[/b] right as {answer['served_by']}, {answer['base_right']} as the base"
             )
+    if "gateway" in summary:
+        gateway = summary["gateway"]
+        stdout.print(f"the gateway logged {gateway['captured']} of those exchanges into the demo's store")
     browse = summary["browse"]
     stdout.print(f"browse the runs and versions: [b]{browse['mlflow']}[/b]")
     stdout.print(f"status of every track: [b]{browse['status']}[/b]")

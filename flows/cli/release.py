@@ -1,7 +1,8 @@
-"""`overnight status | deploy | rollback | serve`: what serves, moving versions, the server."""
+"""`overnight status | deploy | rollback | serve | gateway`: what serves, moving versions, the servers."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +14,7 @@ from flows.cli.tables import (
     host,
     version_name,
 )
+from storage.errors import UserError
 
 
 @app.command()
@@ -55,10 +57,11 @@ def deploy(
     ] = False,
     json_output: JsonFlag = False,
 ) -> None:
-    """Hot-swap a registered version onto every endpoint, then make it the champion.
+    """Serve a registered version: load it on every endpoint, flip the gateway's route, then make it
+    the champion.
 
-    The adapter is verified against its recorded sha256 first; every endpoint switches or none does;
-    the registry aliases move only after every endpoint serves the version.
+    The adapter is verified against its recorded sha256 first; every endpoint loads it or the route
+    does not move; the registry aliases move only after the route serves the version.
     """
     import storage
     from pipeline.deploy.release import deploy_version
@@ -82,7 +85,7 @@ def rollback(
     ] = False,
     json_output: JsonFlag = False,
 ) -> None:
-    """Serve the previous version (or --to VERSION) again, then move `champion` and `previous` back."""
+    """Flip the route back to the previous version (or --to VERSION), then move `champion` and `previous` back."""
     import storage
     from pipeline.deploy.release import rollback as release_rollback
 
@@ -109,17 +112,22 @@ def _release_output(ctx: typer.Context, json_output: bool, payload: dict[str, An
 
 @app.command()
 def serve(ctx: typer.Context) -> None:
-    """Start the vLLM server for the base model with every track's champion loaded; Ctrl-C stops it.
+    """Start the vLLM server with every track's champion loaded and the gateway in front; Ctrl-C stops both.
 
-    Each champion is served under its stable name `<track>` and its pinned name `<track>@v<N>`.
-    Settings come from the `serving` section (port, max_loras, max_lora_rank, api_key, extra_args).
+    vLLM serves each champion under its pinned name `<track>@v<N>`; clients call the gateway
+    (`gateway.host`:`gateway.port`, OpenAI-compatible) with the stable name `<track>`, routed to the
+    champion, and every exchange is logged into the store. Settings come from the `serving` section
+    (port, max_loras, max_lora_rank, api_key, extra_args) and the `gateway` section.
     """
+    import storage
+    from pipeline.deploy.serving import Serving
     from pipeline.deploy.serving import serve as serve_forever
     from pipeline.deploy.vllm_process import ServerSpec
     from pipeline.services import open_registry
 
     cfg = load(ctx)
     serving = cfg.serving
+    engine = storage.connect(cfg.database.url)
     registry = open_registry(cfg)
     champions = [
         registry.fetch(track.name, "champion")
@@ -140,15 +148,74 @@ def serve(ctx: typer.Context) -> None:
         log_file=Path(cfg.home) / "vllm.log",
     )
     Path(cfg.home).mkdir(parents=True, exist_ok=True)
-
-    def ready(server: Any) -> None:
-        names = ", ".join(f"{c.track} (v{c.version})" for c in champions) or "no champions yet"
-        stdout.print(
-            f"vLLM listening on {server.base_url}/v1: base model as {serving.base_name!r}; tracks: {names}"
+    endpoints = serving.endpoints or [spec.base_url]
+    if spec.base_url not in endpoints:
+        stderr.print(
+            f"note: serving.endpoints does not list {spec.base_url}: the gateway sends traffic to "
+            f"{', '.join(endpoints)} only"
         )
-        stdout.print("Ctrl-C stops it.")
+
+    def ready(running: Serving) -> None:
+        names = ", ".join(f"{c.track} -> {c.pinned_name}" for c in champions) or "no champions yet"
+        stdout.print(
+            f"vLLM on {running.server.base_url}/v1 (base model {serving.base_name!r}); {names}",
+            soft_wrap=True,
+        )
+        stdout.print(
+            f"Point clients at {running.gateway.base_url}/v1 (model: a track name, `<track>@v<N>` "
+            f"or {serving.base_name!r}). Ctrl-C stops both.",
+            soft_wrap=True,
+        )
 
     stderr.print(f"starting vLLM on {spec.base_url} (about a minute on CPU)")
     raise typer.Exit(
-        serve_forever(spec, champions, on_ready=ready, timeout_seconds=serving.startup_timeout_seconds)
+        serve_forever(
+            spec,
+            champions,
+            engine=engine,
+            gateway=cfg.gateway,
+            endpoints=endpoints,
+            tracks=[track.name for track in cfg.tracks],
+            on_ready=ready,
+            timeout_seconds=serving.startup_timeout_seconds,
+        )
     )
+
+
+@app.command()
+def gateway(ctx: typer.Context) -> None:
+    """Run only the gateway, in front of the vLLM servers in `serving.endpoints` (e.g. in a container).
+
+    Stateless: routes, keys and the interaction log are in the store (`database.url`), so several
+    gateways can share one store; each keeps its own spool (`gateway.spool_dir`). Ctrl-C or SIGTERM
+    stops it after the requests in flight and the log queue are done.
+    """
+    import storage
+    from pipeline.deploy.gateway.app import create_app
+    from pipeline.deploy.gateway.server import GatewayServer
+    from pipeline.services import api_key
+
+    cfg = load(ctx)
+    if not cfg.serving.endpoints:
+        raise UserError("serving.endpoints: no vLLM endpoint for the gateway to send requests to")
+    engine = storage.connect(cfg.database.url)
+    app_ = create_app(
+        engine,
+        endpoints=cfg.serving.endpoints,
+        base_name=cfg.serving.base_name,
+        tracks=[track.name for track in cfg.tracks],
+        settings=cfg.gateway,
+        upstream_api_key=api_key(cfg),
+    )
+    front = GatewayServer(app_, cfg.gateway.host, cfg.gateway.port).start()
+    try:
+        stdout.print(
+            f"gateway on {front.base_url}/v1 in front of {', '.join(cfg.serving.endpoints)}; Ctrl-C stops it.",
+            soft_wrap=True,
+        )
+        while front.running():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        front.stop()

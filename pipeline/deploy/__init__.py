@@ -1,2 +1,3 @@
-"""Deploy: hot-swap onto vLLM endpoints, release (deploy, rollback, status), the vLLM client and process,
+"""Deploy: load versions onto vLLM endpoints and flip the gateway's routes (`hotswap`), release (deploy,
+rollback, status), `overnight serve` (`serving`), the vLLM client and process,
 and the OpenAI-compatible gateway in front of them (`gateway`)."""

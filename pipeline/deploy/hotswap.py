@@ -1,28 +1,38 @@
-"""Deploy a track's adapter version onto every vLLM endpoint so that no client ever sees an error.
+"""Deploy a track's adapter version: load it on every vLLM endpoint, probe it, flip the route.
 
-Clients call the stable name `<track>`; `<track>@v<N>` pins a version. A deploy (or a rollback, the
-same procedure toward an older version) runs these steps on each endpoint in turn:
+Clients call a track's stable name `<track>` through the gateway (`pipeline.deploy.gateway`), which
+sends each request to the pinned adapter `<track>@v<N>` the track's route points at; `<track>@v<N>`
+pins a version. vLLM itself never serves a stable name, so no adapter is ever reloaded in place (vLLM
+keeps re-loading an adapter loaded with `load_inplace`, and its prefix cache is keyed by adapter, so
+a pinned name also never meets another version's cached prefixes). A deploy, or a rollback (the same
+procedure toward an older version):
 
-    inspect  what the endpoint serves now (its adapter list), to know what to switch back to
-    load     the new version under its pinned name (a second name: nothing that serves changes)
-    probe    greedy replies of the pinned name to fixed probe prompts: the version's fingerprint
-    switch   the stable name now points at the new directory (vLLM `load_inplace`: no gap, no 404)
-    reset    drop the prefix cache where the server allows it
-    verify   the stable name answers the probes exactly as the pinned name does
+    checksum  the adapter's sha256, before any endpoint is touched
+    route     read what the track's route serves now (it becomes the previous version)
+    inspect   each endpoint's adapter list
+    load      the version under its pinned name on each endpoint (nothing that serves changes)
+    probe     greedy replies of the pinned name to fixed prompts: it answers; its fingerprint
+    prune     unload pinned versions beyond `keep_versions` that no request can still reach (below)
+    flip      point the route at the pinned name and write one `deployments` row per endpoint, in
+              one transaction: every gateway process sends the stable name there within a second
 
-then `prune` unloads pinned versions beyond `keep_versions` (never the serving one nor the previous
-one, so a rollback needs no load from disk) and `record` writes one `deployments` row per endpoint.
-The adapter's sha256 is checked (`checksum`) before any endpoint is touched.
+All or nothing: if a step fails on any endpoint, the pinned names this deploy loaded are unloaded
+again, the route is not flipped (every gateway keeps sending the stable name to the version it
+served), failed rows are recorded, the error names the endpoint and the step, and the caller (who
+moves the registry alias only after success) moves nothing. The previous version stays loaded, so a
+rollback to it is a flip with nothing to load.
 
-All or nothing: if a step fails on any endpoint, every endpoint already touched is switched back to
-the directory its stable name served before, the error names the endpoint and the step, failed rows
-are recorded, and the caller (who moves the registry alias only after success) moves nothing.
-
-Why verify with retries: vLLM applies a LoRA's weights per engine step from the most recently
-scheduled request of that adapter id; a request that resolved the stable name just before the switch
-can still be admitted afterwards and, for a few steps, carry the previous weights. A verification
-that matches the pinned fingerprint once in-flight requests drained is the signal; a mismatch that
-persists (wrong weights, stale cache) fails the swap.
+Pruning never touches the new version nor the route's current one (the next `previous`). Any other
+pinned version left the stable name at the route's last flip at the latest, and is unloaded (beyond
+the newest `keep_versions`) only once that flip is `unload_grace_seconds` old; before that the next
+deploy prunes it. A grace period rather than in-flight counts, because deploys run in other
+processes than the gateways (the CLI, the Prefect worker) and gateways are stateless replicas a
+deploy does not know the addresses of: one replica's count would say nothing of the others. vLLM
+0.32's unload only drops the name from its table (a request it admitted finishes on the weights it
+holds), so what the grace covers is a request a gateway resolved to the old name just before it saw
+the flip. A deploy run inside a gateway process may pass `in_flight` (`Gateway.in_flight`) and then
+also keeps every version with requests in flight. A client pinning a version that was unloaded gets
+vLLM's 404, as for any version not served.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import sqlalchemy
@@ -45,7 +56,8 @@ from pipeline.adapters import AdapterInvalid, AdapterVersion, verify_adapter
 from pipeline.deploy.vllm_client import Chat, ServedAdapter, ServerRequestFailed, VllmClient
 from pipeline.results import Swap
 from storage.errors import UserError
-from storage.models import Deployment
+from storage.models import Deployment, Route
+from storage.routes import flip_route, read_routes
 
 __all__ = [
     "PROBE_PROMPTS",
@@ -54,8 +66,7 @@ __all__ = [
     "deploy",
     "fingerprint",
     "pinned_version",
-    "serving_versions",
-    "version_serving",
+    "prune_due",
     "versions_to_unload",
 ]
 
@@ -67,9 +78,10 @@ PROBE_PROMPTS: tuple[Chat, ...] = (
     [{"role": "user", "content": "What is 12 + 7?"}],
     [{"role": "user", "content": "Summarize the ticket in one sentence."}],
 )
-PROBE_MAX_TOKENS = 16  # enough tokens for versions to diverge, few enough to keep a swap fast
-VERIFY_ATTEMPTS = 10  # tries for the stable name to match the pinned fingerprint
-VERIFY_PAUSE_SECONDS = 0.1  # between tries: lets requests admitted before the switch drain
+# enough tokens for versions to diverge, few enough to keep a deploy fast: decoding the probes is most
+# of a deploy (measured: 16 tokens, 305 ms of a 382 ms deploy under load on 2 CPU cores)
+PROBE_MAX_TOKENS = 8
+ALL_ENDPOINTS = "all endpoints"  # the failed endpoint of a step that is not any one endpoint's
 
 _PINNED = re.compile(r"^(?P<track>.+)@v(?P<version>\d+)$")
 
@@ -81,11 +93,9 @@ class EndpointClient(Protocol):
 
     def adapters(self) -> Mapping[str, ServedAdapter]: ...
 
-    def load_adapter(self, name: str, path: str, *, inplace: bool = False) -> None: ...
+    def load_adapter(self, name: str, path: str) -> None: ...
 
     def unload_adapter(self, name: str) -> None: ...
-
-    def reset_prefix_cache_outcome(self) -> str: ...
 
     def chat(
         self,
@@ -101,7 +111,7 @@ class EndpointClient(Protocol):
 
 
 class SwapFailed(UserError):
-    """A deploy step failed on an endpoint; every endpoint serves what it served before."""
+    """A deploy step failed on an endpoint; the route still serves what it served before."""
 
     def __init__(self, endpoint: str, step: str, reason: str) -> None:
         super().__init__(f"{endpoint}: {step}: {reason}")
@@ -121,22 +131,6 @@ def pinned_version(name: str, track: str) -> int | None:
     return int(match["version"])
 
 
-def version_serving(adapters: Mapping[str, ServedAdapter], track: str) -> int | None:
-    """The version the stable name serves: the pinned name loaded from the same directory.
-
-    None when the stable name is not loaded or no pinned name shares its directory.
-    """
-    stable = adapters.get(track)
-    if stable is None or stable.path is None:
-        return None
-    versions = [
-        version
-        for name, adapter in adapters.items()
-        if (version := pinned_version(name, track)) is not None and adapter.path == stable.path
-    ]
-    return max(versions, default=None)
-
-
 def versions_to_unload(
     loaded_names: Iterable[str], track: str, *, keep_versions: int, protected: Iterable[int | None]
 ) -> list[str]:
@@ -147,6 +141,11 @@ def versions_to_unload(
         reverse=True,
     )
     return [f"{track}@v{version}" for version in versions[keep_versions:] if version not in keep]
+
+
+def prune_due(last_flip: datetime | None, now: datetime, grace_seconds: float) -> bool:
+    """Whether versions that left the stable name at `last_flip` (None: never routed) may be unloaded."""
+    return last_flip is None or (now - last_flip).total_seconds() >= grace_seconds
 
 
 def fingerprint(replies: Sequence[str]) -> str:
@@ -165,30 +164,26 @@ class _StepFailed(Exception):
 
 
 @dataclass
-class _EndpointSwap:
-    """Progress of the deploy on one endpoint: what to switch back to and what was done (mutable)."""
+class _EndpointDeploy:
+    """Progress of the deploy on one endpoint: what it loaded and did (mutable)."""
 
     endpoint: str
     client: EndpointClient
-    previous_path: str | None = None  # the directory the stable name served before
-    previous_version: int | None = None
-    loaded_pinned: bool = False  # this deploy loaded the pinned name (unload it on switch-back)
-    switch_attempted: bool = False
+    loaded_pinned: bool = False  # this deploy loaded the pinned name (unload it if the deploy fails)
     fingerprint: str = ""
-    prefix_cache: str = "not tried"
-    verify_attempts: int = 0
     unloaded: list[str] = field(default_factory=list)
+    kept_in_flight: list[str] = field(default_factory=list)
     step_ms: dict[str, float] = field(default_factory=dict)
 
 
-def _run_step(swap: _EndpointSwap, step: str, action: Callable[[], Any]) -> Any:
+def _run_step(endpoint: _EndpointDeploy, step: str, action: Callable[[], Any]) -> Any:
     start = time.perf_counter()
     try:
         return action()
     except UserError as error:  # ServerUnavailable, ServerRequestFailed: one line naming the endpoint
-        raise _StepFailed(step, _without_endpoint(str(error), swap.endpoint)) from None
+        raise _StepFailed(step, _without_endpoint(str(error), endpoint.endpoint)) from None
     finally:
-        swap.step_ms[step] = round((time.perf_counter() - start) * 1000, 2)
+        endpoint.step_ms[step] = round((time.perf_counter() - start) * 1000, 2)
 
 
 def _without_endpoint(message: str, endpoint: str) -> str:
@@ -207,12 +202,10 @@ def _probe(client: EndpointClient, model: str, prompts: Sequence[Chat]) -> str:
     return fingerprint(replies)
 
 
-def _swap_endpoint(swap: _EndpointSwap, adapter: AdapterVersion, prompts: Sequence[Chat]) -> None:
-    """load, probe, switch, reset, verify on one endpoint; raises `_StepFailed`."""
-    client, track, pinned, path = swap.client, adapter.track, adapter.pinned_name, str(adapter.path)
-    before: Mapping[str, ServedAdapter] = _run_step(swap, "inspect", client.adapters)
-    swap.previous_path = before[track].path if track in before else None
-    swap.previous_version = version_serving(before, track)
+def _load_and_probe(endpoint: _EndpointDeploy, adapter: AdapterVersion, prompts: Sequence[Chat]) -> None:
+    """inspect, load, probe on one endpoint; raises `_StepFailed`."""
+    client, pinned, path = endpoint.client, adapter.pinned_name, str(adapter.path)
+    before: Mapping[str, ServedAdapter] = _run_step(endpoint, "inspect", client.adapters)
 
     def load() -> None:
         if pinned in before:
@@ -220,76 +213,51 @@ def _swap_endpoint(swap: _EndpointSwap, adapter: AdapterVersion, prompts: Sequen
                 raise _StepFailed(
                     "load", f"{pinned} is already loaded from {before[pinned].path}, not {path}"
                 )
-            return
-        swap.loaded_pinned = True
+            return  # resident already (the previous version of a rollback, or a re-run)
+        endpoint.loaded_pinned = True
         client.load_adapter(pinned, path)
 
-    _run_step(swap, "load", load)
-    swap.fingerprint = _run_step(swap, "probe", lambda: _probe(client, pinned, prompts))
-
-    def switch() -> None:
-        if swap.previous_path == path:
-            return  # already serving this directory (a re-run after a crash): nothing to replace
-        swap.switch_attempted = True
-        client.load_adapter(track, path, inplace=track in before)
-
-    _run_step(swap, "switch", switch)
-    swap.prefix_cache = _run_step(swap, "reset", client.reset_prefix_cache_outcome)
-    _run_step(swap, "verify", lambda: _verify(swap, track, prompts))
+    _run_step(endpoint, "load", load)
+    endpoint.fingerprint = _run_step(endpoint, "probe", lambda: _probe(client, pinned, prompts))
 
 
-def _verify(swap: _EndpointSwap, track: str, prompts: Sequence[Chat]) -> None:
-    served = ""
-    for attempt in range(1, VERIFY_ATTEMPTS + 1):
-        swap.verify_attempts = attempt
-        served = _probe(swap.client, track, prompts)
-        if served == swap.fingerprint:
-            return
-        time.sleep(VERIFY_PAUSE_SECONDS)
-        swap.prefix_cache = swap.client.reset_prefix_cache_outcome()
-    raise _StepFailed(
-        "verify",
-        f"{track!r} answers the probes with fingerprint {served[:12]} but the new version gives "
-        f"{swap.fingerprint[:12]} (after {VERIFY_ATTEMPTS} tries)",
-    )
+@dataclass(frozen=True)
+class _Pruning:
+    """What a deploy may unload: nothing before the grace, never `protected`, nothing in flight."""
+
+    keep_versions: int
+    protected: tuple[int | None, ...]
+    due: bool
+    in_flight: Callable[[str], int] | None
 
 
-def _prune(swap: _EndpointSwap, adapter: AdapterVersion, keep_versions: int) -> None:
+def _prune(endpoint: _EndpointDeploy, track: str, pruning: _Pruning) -> None:
     def prune() -> None:
-        loaded = swap.client.adapters()
-        protected = (adapter.version, swap.previous_version)
-        for name in versions_to_unload(
-            loaded, adapter.track, keep_versions=keep_versions, protected=protected
-        ):
-            swap.client.unload_adapter(name)
-            swap.unloaded.append(name)
+        loaded = endpoint.client.adapters()
+        names = versions_to_unload(
+            loaded, track, keep_versions=pruning.keep_versions, protected=pruning.protected
+        )
+        for name in names:
+            if pruning.in_flight is not None and pruning.in_flight(name) > 0:
+                endpoint.kept_in_flight.append(name)
+                continue
+            endpoint.client.unload_adapter(name)
+            endpoint.unloaded.append(name)
 
-    _run_step(swap, "prune", prune)
+    if pruning.due:
+        _run_step(endpoint, "prune", prune)
 
 
-def _switch_back(swap: _EndpointSwap, adapter: AdapterVersion) -> str | None:
-    """Restore what the stable name served before; None, or why that failed too.
-
-    Unloading the pinned name this deploy added is tidying: if that fails, nothing served changed.
-    """
-    problem = None
-    if swap.switch_attempted:
-        try:
-            if swap.previous_path is None:
-                _unload_if_loaded(swap.client, adapter.track)
-            else:
-                swap.client.load_adapter(adapter.track, swap.previous_path, inplace=True)
-            swap.client.reset_prefix_cache_outcome()
-            logger.warning("switched %s on %s back to %s", adapter.track, swap.endpoint, swap.previous_path)
-        except UserError as error:
-            logger.error("switch-back failed on %s: %s", swap.endpoint, error)
-            problem = _without_endpoint(str(error), swap.endpoint)
-    if swap.loaded_pinned:
-        try:
-            _unload_if_loaded(swap.client, adapter.pinned_name)
-        except UserError as error:
-            logger.warning("could not unload %s on %s: %s", adapter.pinned_name, swap.endpoint, error)
-    return problem
+def _withdraw(endpoint: _EndpointDeploy, adapter: AdapterVersion) -> bool:
+    """Unload the pinned name this deploy loaded (tidying: the route never pointed at it); True if done."""
+    if not endpoint.loaded_pinned:
+        return True
+    try:
+        _unload_if_loaded(endpoint.client, adapter.pinned_name)
+    except UserError as error:
+        logger.warning("could not unload %s on %s: %s", adapter.pinned_name, endpoint.endpoint, error)
+        return False
+    return True
 
 
 def _unload_if_loaded(client: EndpointClient, name: str) -> None:
@@ -303,40 +271,45 @@ def _unload_if_loaded(client: EndpointClient, name: str) -> None:
 # --------------------------------------------------------------------------- SQL
 
 
-def _row(swap: _EndpointSwap, adapter: AdapterVersion, action: str, status: str, **extra: Any) -> Deployment:
+def _row(
+    endpoint: _EndpointDeploy,
+    adapter: AdapterVersion,
+    action: str,
+    status: str,
+    previous: int | None,
+    **extra: Any,
+) -> Deployment:
     detail: dict[str, Any] = {
         "path": str(adapter.path),
         "sha256": adapter.sha256,
-        "fingerprint": swap.fingerprint or None,
-        "previous_version": swap.previous_version,
-        "previous_path": swap.previous_path,
-        "prefix_cache": swap.prefix_cache,
-        "verify_attempts": swap.verify_attempts,
-        "unloaded": swap.unloaded,
-        "step_ms": swap.step_ms,
+        "fingerprint": endpoint.fingerprint or None,
+        "previous_version": previous,
+        "unloaded": endpoint.unloaded,
+        "kept_in_flight": endpoint.kept_in_flight,
+        "step_ms": endpoint.step_ms,
         **extra,
     }
     return Deployment(
         track=adapter.track,
         version=str(adapter.version),
         adapter_name=adapter.pinned_name,
-        endpoint=swap.endpoint,
+        endpoint=endpoint.endpoint,
         action=action,
         status=status,
         detail=detail,
     )
 
 
-def _record(engine: sqlalchemy.Engine, rows: Sequence[Deployment]) -> None:
-    with Session(engine) as session, session.begin():
-        session.add_all(rows)
-
-
 def _record_failure(engine: sqlalchemy.Engine, rows: Sequence[Deployment]) -> None:
     try:
-        _record(engine, rows)
-    except SQLAlchemyError as error:  # the swap error matters more than the bookkeeping one
-        logger.error("could not record the failed deployment: %s", str(error).splitlines()[0])
+        with Session(engine) as session, session.begin():
+            session.add_all(rows)
+    except SQLAlchemyError as error:  # the deploy error matters more than the bookkeeping one
+        logger.error("could not record the failed deployment: %s", _first_line(error))
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 # --------------------------------------------------------------------------- deploy
@@ -349,134 +322,157 @@ def deploy(
     engine: sqlalchemy.Engine,
     api_key: str | None = None,
     keep_versions: int = 2,
+    unload_grace_seconds: float = 60.0,
+    in_flight: Callable[[str], int] | None = None,
     action: str = "deploy",
     probe_prompts: Sequence[Chat] = PROBE_PROMPTS,
     client_factory: Callable[[str], EndpointClient] | None = None,
 ) -> Swap:
-    """Serve `adapter` under its track's stable name on every endpoint, or on none (see the module doc).
-
-    Raises `SwapFailed` naming the endpoint and step; every endpoint then serves what it served before.
-    """
+    """Load `adapter` on every endpoint and flip its track's route to it, or change nothing that serves
+    (see the module doc). Raises `SwapFailed` naming the endpoint and step."""
     if not endpoints:
         raise UserError("serving.endpoints: no endpoint to deploy to")
     if keep_versions < 2:
         raise UserError(f"serving.keep_versions: {keep_versions} < 2 (the previous version must stay loaded)")
     start = time.perf_counter()
     factory = client_factory or (lambda url: VllmClient(url, api_key=api_key))
-    swaps = [_EndpointSwap(url, factory(url)) for url in endpoints]
+    targets = [_EndpointDeploy(url, factory(url)) for url in endpoints]
     try:
-        _checksum(adapter, swaps, engine, action)
-        _apply_everywhere(adapter, swaps, engine, action, keep_versions, probe_prompts)
+        _checksum(adapter, targets, engine, action)
+        route = _current_route(adapter, targets, engine, action)
+        pruning = _Pruning(
+            keep_versions,
+            (adapter.version, _route_version(route, adapter.track)),
+            prune_due(route.updated_at if route else None, datetime.now(UTC), unload_grace_seconds),
+            in_flight,
+        )
+        _apply_everywhere(adapter, targets, engine, action, route, pruning, probe_prompts)
     finally:
-        for swap in swaps:
-            swap.client.close()
+        for target in targets:
+            target.client.close()
     seconds = time.perf_counter() - start
-    logger.info("%s %s on %d endpoint(s) in %.3fs", action, adapter.pinned_name, len(swaps), seconds)
+    logger.info("%s %s on %d endpoint(s) in %.3fs", action, adapter.pinned_name, len(targets), seconds)
+    previous = _route_version(route, adapter.track)
     return Swap(
         track=adapter.track,
         version=adapter.version,
         action=action,
-        endpoints=[swap.endpoint for swap in swaps],
+        endpoints=[target.endpoint for target in targets],
         seconds=seconds,
-        fingerprint=swaps[0].fingerprint,
-        previous={swap.endpoint: swap.previous_version for swap in swaps},
+        fingerprint=targets[0].fingerprint,
+        previous={target.endpoint: previous for target in targets},
+        unloaded=sorted({name for target in targets for name in target.unloaded}),
+        prune="done" if pruning.due else "deferred",
     )
 
 
+def _route_version(route: Route | None, track: str) -> int | None:
+    return pinned_version(route.adapter_name, track) if route is not None else None
+
+
 def _checksum(
-    adapter: AdapterVersion, swaps: Sequence[_EndpointSwap], engine: sqlalchemy.Engine, action: str
+    adapter: AdapterVersion, targets: Sequence[_EndpointDeploy], engine: sqlalchemy.Engine, action: str
 ) -> None:
     """The adapter must be whole and the recorded bytes before any endpoint sees it."""
     try:
         verify_adapter(adapter.path, adapter.sha256)
     except AdapterInvalid as error:
-        rows = [_row(swap, adapter, action, "failed", step="checksum", error=str(error)) for swap in swaps]
+        rows = [
+            _row(target, adapter, action, "failed", None, step="checksum", error=str(error))
+            for target in targets
+        ]
         _record_failure(engine, rows)
-        raise SwapFailed(", ".join(swap.endpoint for swap in swaps), "checksum", str(error)) from None
+        raise SwapFailed(", ".join(target.endpoint for target in targets), "checksum", str(error)) from None
+
+
+def _current_route(
+    adapter: AdapterVersion, targets: Sequence[_EndpointDeploy], engine: sqlalchemy.Engine, action: str
+) -> Route | None:
+    try:
+        return read_routes(engine).get(adapter.track)
+    except SQLAlchemyError as error:
+        reason = f"cannot read the route table: {_first_line(error)}"
+        _record_failure(
+            engine, [_row(t, adapter, action, "failed", None, step="route", error=reason) for t in targets]
+        )
+        raise SwapFailed(ALL_ENDPOINTS, "route", reason) from None
 
 
 def _apply_everywhere(
     adapter: AdapterVersion,
-    swaps: Sequence[_EndpointSwap],
+    targets: Sequence[_EndpointDeploy],
     engine: sqlalchemy.Engine,
     action: str,
-    keep_versions: int,
+    route: Route | None,
+    pruning: _Pruning,
     probe_prompts: Sequence[Chat],
 ) -> None:
-    touched: list[_EndpointSwap] = []
-    current = swaps[0]
+    touched: list[_EndpointDeploy] = []
+    current = targets[0]
+    previous = _route_version(route, adapter.track)
     try:
-        for current in swaps:
+        for current in targets:
             touched.append(current)
             logger.info("%s %s on %s", action, adapter.pinned_name, current.endpoint)
-            _swap_endpoint(current, adapter, probe_prompts)
-        for current in swaps:
-            _prune(current, adapter, keep_versions)
+            _load_and_probe(current, adapter, probe_prompts)
+        for current in targets:
+            _prune(current, adapter.track, pruning)
+        rows = [_row(target, adapter, action, "ok", previous) for target in targets]
         try:
-            _record(engine, [_row(swap, adapter, action, "ok") for swap in swaps])
+            flip_route(engine, adapter.track, str(adapter.version), adapter.pinned_name, deployments=rows)
         except SQLAlchemyError as error:
-            raise _StepFailed(
-                "record", f"cannot write the deployment rows: {str(error).splitlines()[0]}"
-            ) from None
+            # The commit may have happened before the error (a connection lost on COMMIT, or the
+            # read after it failing): then the flip and its rows are in, and the deploy succeeded.
+            if _routed_to(engine, adapter) is not True:
+                raise _StepFailed("flip", f"cannot flip the route: {_first_line(error)}") from None
     except _StepFailed as failure:
-        _fail(adapter, swaps, touched, engine, action, current, failure)
-    except BaseException:  # a bug or Ctrl-C mid-swap: still leave every endpoint as it was
-        for swap in reversed(touched):
-            _switch_back(swap, adapter)
+        _fail(adapter, targets, touched, engine, action, previous, current, failure)
+    except BaseException:  # a bug or Ctrl-C mid-deploy: tidy up unless the route flipped already
+        if _routed_to(engine, adapter) is False:
+            for target in reversed(touched):
+                _withdraw(target, adapter)
         raise
+
+
+def _routed_to(engine: sqlalchemy.Engine, adapter: AdapterVersion) -> bool | None:
+    """Whether the route sends the track to this version now; None when the store cannot say."""
+    try:
+        route = read_routes(engine).get(adapter.track)
+    except SQLAlchemyError:
+        return None
+    return route is not None and route.adapter_name == adapter.pinned_name
 
 
 def _fail(
     adapter: AdapterVersion,
-    swaps: Sequence[_EndpointSwap],
-    touched: Sequence[_EndpointSwap],
+    targets: Sequence[_EndpointDeploy],
+    touched: Sequence[_EndpointDeploy],
     engine: sqlalchemy.Engine,
     action: str,
-    failed: _EndpointSwap,
+    previous: int | None,
+    failed: _EndpointDeploy,
     failure: _StepFailed,
 ) -> None:
-    endpoint = "all endpoints" if failure.step == "record" else failed.endpoint
+    endpoint = ALL_ENDPOINTS if failure.step == "flip" else failed.endpoint
     logger.error(
         "%s %s failed: %s: %s: %s", action, adapter.pinned_name, endpoint, failure.step, failure.reason
     )
-    problems = {swap.endpoint: _switch_back(swap, adapter) for swap in reversed(touched)}
+    # Never unload what the route points at (a redeploy of the routed version) or may point at.
+    may_unload = _routed_to(engine, adapter) is False
+    withdrawn = {target.endpoint: may_unload and _withdraw(target, adapter) for target in reversed(touched)}
     rows = [
         _row(
-            swap,
+            target,
             adapter,
             action,
             "failed",
+            previous,
             step=failure.step,
             failed_endpoint=endpoint,
             error=failure.reason,
-            switched_back=swap in touched and problems.get(swap.endpoint) is None,
-            switch_back_error=problems.get(swap.endpoint),
+            withdrawn=withdrawn.get(target.endpoint, True),
         )
-        for swap in swaps
+        for target in targets
     ]
     _record_failure(engine, rows)
-    unrestored = [f"{url} ({problem})" for url, problem in problems.items() if problem is not None]
-    suffix = f"; could not switch back: {', '.join(unrestored)}" if unrestored else ""
-    raise SwapFailed(endpoint, failure.step, failure.reason + suffix)
-
-
-# --------------------------------------------------------------------------- read-only
-
-
-def serving_versions(
-    endpoints: Sequence[str],
-    track: str,
-    *,
-    api_key: str | None = None,
-    client_factory: Callable[[str], EndpointClient] | None = None,
-) -> dict[str, int | None]:
-    """Per endpoint, the version the stable name `track` serves (None: not loaded or not pinned)."""
-    factory = client_factory or (lambda url: VllmClient(url, api_key=api_key))
-    versions: dict[str, int | None] = {}
-    for url in endpoints:
-        client = factory(url)
-        try:
-            versions[url] = version_serving(client.adapters(), track)
-        finally:
-            client.close()
-    return versions
+    raise SwapFailed(endpoint, failure.step, failure.reason)

@@ -1,8 +1,9 @@
-"""Releasing versions: the registry and the serving endpoints moved together, serving first.
+"""Releasing versions: the registry and what serves moved together, serving first.
 
-`deploy_version` and `rollback` hot-swap every endpoint (`pipeline.deploy.hotswap.deploy`, all-or-nothing)
-and only then move the registry's aliases, so the registry never claims something that is not
-serving. Without a reachable server they move nothing and say why, unless `registry_only` is asked
+`deploy_version` and `rollback` load the version on every endpoint and flip the track's route
+(`pipeline.deploy.hotswap.deploy`, all-or-nothing; a rollback is the same flip toward an older
+version) and only then move the registry's aliases, so the registry never claims something that is
+not serving. Without a reachable server they move nothing and say why, unless `registry_only` is asked
 for explicitly.
 """
 
@@ -18,6 +19,8 @@ from pipeline.deploy.serving import serving_state
 from pipeline.register.registry import Registry, RegistryError
 from pipeline.services import api_key, open_registry, reachable_endpoints, swap
 from storage.errors import UserError
+from storage.models import Route
+from storage.routes import read_routes
 
 __all__ = ["NoServer", "deploy_version", "rollback", "status"]
 
@@ -91,12 +94,14 @@ def rollback(
 
 
 def status(config: OvernightConfig, engine: Engine, registry: Registry | None = None) -> dict[str, Any]:
-    """Per track: champion, previous, challenger, what each endpoint serves, and the last night."""
+    """Per track: champion, previous, challenger, the gateway's route, what each endpoint serves (the
+    routed version where it is loaded), and the last night."""
     from storage import runs as ledger
 
     registry = registry or open_registry(config)
     names = [track.name for track in config.tracks]
-    endpoints = serving_state(config.serving.endpoints, names, api_key(config))
+    routes = read_routes(engine)
+    endpoints = serving_state(config.serving.endpoints, routes, names, api_key(config))
     last = ledger.last_runs(engine)
     tracks = []
     for name in names:
@@ -107,6 +112,7 @@ def status(config: OvernightConfig, engine: Engine, registry: Registry | None = 
                 "champion": registry.version_for(name, "champion"),
                 "previous": registry.version_for(name, "previous"),
                 "challenger": registry.version_for(name, "challenger"),
+                "route": _route_json(routes.get(name)),
                 "serving": {
                     state.endpoint: (state.serving.get(name) if state.reachable else "unreachable")
                     for state in endpoints
@@ -125,3 +131,16 @@ def status(config: OvernightConfig, engine: Engine, registry: Registry | None = 
             }
         )
     return {"tracks": tracks}
+
+
+def _route_json(route: Route | None) -> dict[str, Any] | None:
+    if route is None:
+        return None
+    return {
+        "version": int(route.version) if route.version.isdigit() else route.version,
+        "adapter": route.adapter_name,
+        "previous": int(route.previous_version)
+        if route.previous_version and route.previous_version.isdigit()
+        else route.previous_version,
+        "updated_at": route.updated_at.isoformat() if route.updated_at else None,
+    }

@@ -1,8 +1,8 @@
 """A small synchronous client for one vLLM OpenAI-compatible server: adapters, chat, health.
 
-Hot-swap, gate evaluation and `overnight status` talk to running servers through this class only,
+Deploys, gate evaluation and `overnight status` talk to running servers through this class only,
 so there is one place that knows vLLM's admin endpoints (`/v1/load_lora_adapter`,
-`/v1/unload_lora_adapter`, `/reset_prefix_cache`) and one place that turns transport failures into a
+`/v1/unload_lora_adapter`) and one place that turns transport failures into a
 one-line `ServerUnavailable` naming the endpoint. It is thread-safe (httpx.Client is), so
 `chat_many` fans out over a thread pool; the server batches concurrent requests itself.
 """
@@ -115,34 +115,14 @@ class VllmClient:
             if entry.get("parent")
         }
 
-    def load_adapter(self, name: str, path: str, *, inplace: bool = False) -> None:
-        """Load the PEFT directory `path` under `name`; `inplace` replaces an adapter already so named."""
-        body: dict[str, Any] = {"lora_name": name, "lora_path": path}
-        if inplace:
-            body["load_inplace"] = True
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load the PEFT directory `path` under `name` (a name is never reloaded in place: a deploy
+        loads a new pinned name and the gateway's route moves to it)."""
+        body = {"lora_name": name, "lora_path": path}
         self._request("POST", "/v1/load_lora_adapter", f"load adapter {name!r}", json=body)
 
     def unload_adapter(self, name: str) -> None:
         self._request("POST", "/v1/unload_lora_adapter", f"unload adapter {name!r}", json={"lora_name": name})
-
-    def reset_prefix_cache_outcome(self) -> str:
-        """Try to drop cached prefix blocks: `reset`, `busy` or `unsupported`.
-
-        vLLM answers 200 with `{"success": false}` while running requests hold cache blocks (it does
-        not preempt them unless asked to), so under load a reset can be refused; `busy` says so.
-        `unsupported`: the server runs without VLLM_SERVER_DEV_MODE=1.
-        """
-        try:
-            response = self._request("POST", "/reset_prefix_cache", "reset prefix cache")
-        except ServerRequestFailed as error:
-            if error.status_code in (404, 405):
-                return "unsupported"
-            raise
-        try:
-            success = response.json().get("success", True)
-        except (ValueError, AttributeError):
-            success = True  # older servers answer with an empty body on success
-        return "reset" if success else "busy"
 
     def chat(
         self,

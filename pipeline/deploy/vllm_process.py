@@ -2,8 +2,7 @@
 
 One place knows how vLLM must be launched on this project's machines: `python -m
 vllm.entrypoints.openai.api_server` (the CPU build's console script is broken), runtime LoRA updating
-on, a KV-cache size for CPU, no hub access, and vLLM's dev endpoints on (`VLLM_SERVER_DEV_MODE=1`) so
-that a hot-swap can call `POST /reset_prefix_cache`. Used by `overnight serve`, the demo and the integration
+on, a KV-cache size for CPU and no hub access. Used by `overnight serve`, the demo and the integration
 tests; the pipeline itself only talks to servers over HTTP.
 """
 
@@ -93,8 +92,6 @@ def server_env(spec: ServerSpec) -> dict[str, str]:
         TRANSFORMERS_OFFLINE="1",
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",
-        # Registers the dev routers, among them `POST /reset_prefix_cache`, which a hot-swap calls.
-        VLLM_SERVER_DEV_MODE="1",
     )
     env.update(spec.env)
     return env
@@ -111,6 +108,11 @@ class VllmServer:
     @property
     def base_url(self) -> str:
         return self.spec.base_url
+
+    @property
+    def pid(self) -> int | None:
+        """The server's pid, also its process group's (its engine and workers); None when not started."""
+        return self._process.pid if self._process is not None else None
 
     def start(self, timeout_seconds: float = 300.0) -> VllmServer:
         if not vllm_installed():

@@ -203,8 +203,8 @@ class InProcessGenerator:
 class ServerGenerator:
     """A running vLLM server: an adapter is loaded under a temporary name, asked, then unloaded.
 
-    The temporary name (`<prefix>-<random>`) never collides with a serving name, so the stable
-    `<track>` and pinned `<track>@v<N>` names keep serving what they served. Requests go out
+    The temporary name (`<prefix>-<random>`) never collides with a serving name, so the pinned
+    `<track>@v<N>` names the gateway routes to keep serving what they served. Requests go out
     `concurrency` at a time and the server batches them. The adapter directory must be readable by
     the server at the same path (same machine, or a shared volume).
     """

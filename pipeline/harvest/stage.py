@@ -361,10 +361,24 @@ def stored_row_problem(fields: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _served_name(model: Any) -> Any:
+    """`support@v3` (a pinned version, as the gateway logs what answered) is served as `support`."""
+    if isinstance(model, str) and "@v" in model:
+        name, _, version = model.rpartition("@v")
+        if version.isdigit():
+            return name
+    return model
+
+
 def _matches(fields: Mapping[str, Any], track_filter: TrackFilter) -> bool:
     if not track_filter.models and not track_filter.metadata:
         return True
-    if track_filter.models and fields.get("model") not in track_filter.models:
+    model = fields.get("model")
+    if (
+        track_filter.models
+        and model not in track_filter.models
+        and _served_name(model) not in track_filter.models
+    ):
         return False
     metadata = fields.get("metadata") or {}
     return all(metadata.get(key) == value for key, value in track_filter.metadata.items())

@@ -30,7 +30,8 @@ from pipeline.deploy.serving import serving_state
 from pipeline.night import STAGES
 from pipeline.register.mlflow_run import mlflow_client
 from pipeline.register.registry import MlflowRegistry
-from storage.models import Deployment, NightlyRun, RunStage, Snapshot, Watermark
+from storage.models import Deployment, NightlyRun, Route, RunStage, Snapshot, Watermark
+from storage.routes import read_routes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -89,6 +90,14 @@ def write_config(root: Path, *, track: str, database_url: str, server: Any, mode
     path = root / "overnight.yaml"
     path.write_text(yaml.safe_dump(settings), encoding="utf-8")
     return path
+
+
+def routes_of(database_url: str) -> dict[str, Route]:
+    engine = storage.make_engine(database_url)
+    try:
+        return read_routes(engine)
+    finally:
+        engine.dispose()
 
 
 def seed_traffic(database_url: str, track: str, rows: int = 60) -> int:
@@ -175,8 +184,8 @@ def test_a_night_promotes_registers_and_hot_swaps_then_is_not_repeated(
     (version,) = registry.versions(track)
     assert version.version == 1 and "champion" in version.aliases
     assert version.tags["stop_reason"] == "max_steps" and version.tags["gate"] == "passed"
-    (state,) = serving_state([vllm_server.base_url], [track])
-    assert state.serving[track] == 1  # the stable name serves v1 on the server
+    (state,) = serving_state([vllm_server.base_url], routes_of(database_url), [track])
+    assert state.serving[track] == 1  # the route sends the stable name to v1, loaded on the server
     seen = counts(database_url, track)
     assert seen["runs"] == [(1, "promoted")] and seen["stages"] == sorted(STAGES)
     assert seen["committed"] == 1 and seen["watermark"] == last_id and seen["deployments_ok"] == 1
@@ -292,13 +301,13 @@ def test_deploy_then_rollback_through_the_cli_and_the_rollback_flow(
     assert second.exit_code == 0, second.output
     assert json.loads(second.stdout)["previous"] == 1
     assert (registry.version_for(track, "champion"), registry.version_for(track, "previous")) == (2, 1)
-    assert serving_state([vllm_server.base_url], [track])[0].serving[track] == 2
+    assert serving_state([vllm_server.base_url], routes_of(database_url), [track])[0].serving[track] == 2
 
     with prefect_test_harness(server_startup_timeout=120):
         result = rollback(track, config_path=str(config))
     assert result["version"] == 1 and result["action"] == "rollback"
     assert (registry.version_for(track, "champion"), registry.version_for(track, "previous")) == (1, 2)
-    assert serving_state([vllm_server.base_url], [track])[0].serving[track] == 1
+    assert serving_state([vllm_server.base_url], routes_of(database_url), [track])[0].serving[track] == 1
 
     status = runner.invoke(app, ["-c", str(config), "status", "--json"])
     (entry,) = json.loads(status.stdout)["tracks"]

@@ -265,6 +265,25 @@ def test_feedback_before_the_record_is_written_is_attached_after_it(
     assert stored_feedback(store) == [(completion.id, None, 4, None, "gateway")]
 
 
+def test_traffic_without_consent_is_not_stored_when_the_gateway_says_so(
+    store: Engine, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    key = create_api_key(store, "web", ["support"])  # its own setting would store such traffic
+    chat = {"model": "support", "messages": [{"role": "user", "content": "hi"}]}
+    no = {"X-Overnight-Consent": "false"}
+    with running_gateway(
+        store, [upstream.base_url], tmp_path / "spool", store_without_consent=False
+    ) as gateway:
+        answered = [
+            gateway.openai().chat.completions.create(**chat, extra_headers=no),  # type: ignore[arg-type]
+            gateway.openai(key).chat.completions.create(**chat, extra_headers=no),  # type: ignore[arg-type]
+        ]
+        kept = gateway.openai(key).chat.completions.create(**chat)  # type: ignore[arg-type]
+        assert all(answer.choices[0].message.content for answer in answered)  # served all the same
+        one_record(store, kept.id)
+    assert [row.client_id for row in stored(store)] == [kept.id]
+
+
 def test_feedback_on_anonymous_traffic_is_only_taken_without_a_key(
     store: Engine, upstream: FakeUpstream, tmp_path: Path
 ) -> None:

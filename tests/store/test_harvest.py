@@ -73,6 +73,15 @@ def test_drops_are_counted_by_reason_and_pii_redacted(engine: Engine, tmp_path: 
     assert records[0]["feedback"] == {"rating": 5, "thumb": 1}
 
 
+def test_a_filter_on_a_served_name_keeps_its_pinned_versions(engine: Engine) -> None:
+    models = ["support@v3", "support@v12", "support@v3", "support-old", "support@vX", "math@v1"]
+    storage.log_interactions(engine, [make_record(n, model=model) for n, model in enumerate(models)])
+    by_name = harvest(engine, "support", SETTINGS, TrackFilter(models=["support"]), pseudonym_key=KEY)
+    assert (by_name.rows_kept, by_name.dropped["filtered"]) == (3, 3)  # the gateway logs support@v<N>
+    pinned = harvest(engine, "support", SETTINGS, TrackFilter(models=["support@v3"]), pseudonym_key=KEY)
+    assert (pinned.rows_kept, pinned.dropped["filtered"]) == (2, 4)
+
+
 def test_preview_moves_nothing_and_is_reproducible(engine: Engine) -> None:
     seeded(engine)
     first = harvest(engine, "support", SETTINGS, FILTER, pseudonym_key=KEY)

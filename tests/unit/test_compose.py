@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 INIT_SQL = ROOT / "docker" / "postgres-init.sql"
-SERVICES = {"postgres", "mlflow", "prefect-server", "worker", "vllm"}
+SERVICES = {"postgres", "mlflow", "prefect-server", "worker", "vllm", "gateway"}
 # `$$` (a literal dollar), `${NAME}`, `${NAME:-default}` and friends, or `$NAME`: compose's syntax.
 VARIABLE = re.compile(
     r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_]\w*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|(?P<bare>[A-Za-z_]\w*))"
@@ -145,7 +145,7 @@ def database_urls(services: dict[str, dict[str, Any]]) -> dict[str, str]:
 # -- structure ---------------------------------------------------------------------------------------
 
 
-def test_five_services_each_with_a_healthcheck(services: dict[str, dict[str, Any]]) -> None:
+def test_six_services_each_with_a_healthcheck(services: dict[str, dict[str, Any]]) -> None:
     assert set(services) == SERVICES
     for name, service in services.items():
         check = service.get("healthcheck", {})
@@ -153,7 +153,7 @@ def test_five_services_each_with_a_healthcheck(services: dict[str, dict[str, Any
         assert not check.get("disable"), name
 
 
-@pytest.mark.parametrize("name", ["mlflow", "prefect-server", "vllm"])
+@pytest.mark.parametrize("name", ["mlflow", "prefect-server", "vllm", "gateway"])
 def test_http_healthchecks_probe_the_port_the_service_publishes(
     services: dict[str, dict[str, Any]], name: str
 ) -> None:
@@ -245,6 +245,30 @@ def test_worker_env_loads_into_a_config_pointing_at_the_services(
     assert config.judge.api_key.get_secret_value() == argument(vllm, "--api-key")
 
 
+def test_gateway_fronts_vllm_on_the_workers_store_and_routes(
+    services: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    gateway, worker = services["gateway"], services["worker"]
+    assert gateway["image"] == worker["image"]  # the worker's image, running only `overnight gateway`
+    assert gateway["command"][-1] == "gateway" and "build" not in gateway
+    environment = {key: str(value) for key, value in gateway["environment"].items()}
+    empty = tmp_path / "overnight.yaml"
+    empty.write_text("")
+    config = load_config(empty, environ=environment)
+    assert config.database.url == worker["environment"]["OVERNIGHT_DATABASE__URL"]  # routes, keys, log
+    assert config.serving.endpoints == yaml.safe_load(worker["environment"]["OVERNIGHT_SERVING__ENDPOINTS"])
+    assert config.serving.base_name == argument(services["vllm"]["command"], "--served-model-name")
+    assert config.serving.api_key is not None
+    assert config.serving.api_key.get_secret_value() == argument(services["vllm"]["command"], "--api-key")
+    assert config.gateway.require_keys and config.gateway.host == "0.0.0.0"
+    assert config.gateway.port in published_container_ports(gateway)
+    # The spool (exchanges the store could not take yet) survives a restart of the container.
+    assert mounts(gateway)[str(Path(config.gateway.spool_dir).parent)][0] == "gateway-spool"
+    # It needs the current schema: the worker is healthy only after `overnight db upgrade`.
+    assert gateway["depends_on"]["worker"]["condition"] == "service_healthy"
+    assert gateway["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
 def test_worker_migrates_then_schedules_with_the_mounted_config(services: dict[str, dict[str, Any]]) -> None:
     worker = services["worker"]
     script = " ".join(worker["command"])
@@ -272,7 +296,8 @@ def test_vllm_serves_runtime_lora_on_a_gpu(services: dict[str, dict[str, Any]]) 
     assert vllm["image"].startswith("vllm/vllm-openai:") and vllm["entrypoint"] == ["vllm", "serve"]
     assert "--enable-lora" in vllm["command"]
     assert vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
-    assert vllm["environment"]["VLLM_SERVER_DEV_MODE"] == "1"  # POST /reset_prefix_cache after a swap
+    # A deploy loads pinned names and flips the gateway's route: no dev endpoint is needed.
+    assert "VLLM_SERVER_DEV_MODE" not in vllm["environment"]
     devices = vllm["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in device["capabilities"] and device["driver"] == "nvidia" for device in devices)
     endpoint = urlsplit(yaml.safe_load(services["worker"]["environment"]["OVERNIGHT_SERVING__ENDPOINTS"])[0])

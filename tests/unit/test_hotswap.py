@@ -1,14 +1,16 @@
-"""Hot-swap logic against fake endpoints: all or nothing, switch-back at every step, pruning, SQL rows.
+"""Deploys against fake endpoints: load and probe everywhere, then one route flip, or nothing moves.
 
 `FakeEndpoint` behaves like vLLM's adapter API where a deploy relies on it: names map to adapter
-directories, a name loads once unless in place, unknown names 404, and a chat reply is a function of
-the directory the name serves (so "the stable name answers as the pinned one" can fail).
+directories, a name loads once, unknown names 404, and a chat reply is a function of the directory
+the name serves. What the stable name serves is the route in the store (`storage.routes`), which
+the gateway reads; vLLM never sees the stable name.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -25,12 +27,12 @@ from pipeline.deploy.hotswap import (
     deploy,
     fingerprint,
     pinned_version,
-    serving_versions,
-    version_serving,
+    prune_due,
     versions_to_unload,
 )
 from pipeline.deploy.vllm_client import Chat, ServedAdapter, ServerRequestFailed, ServerUnavailable
-from storage.models import Deployment
+from storage.models import Deployment, Route
+from storage.routes import flip_route, read_routes
 
 TRACK = "support"
 A, B = "http://a:8000", "http://b:8000"
@@ -43,7 +45,6 @@ class FakeEndpoint:
         self.base_url = base_url
         self.served: dict[str, str] = {}  # name -> adapter directory
         self.fail_on: tuple[str, str | None] | None = None  # (method, name or None for any)
-        self.ignore_inplace = False  # an in-place load that keeps the old weights (stale server)
         self.down = False
         self.calls: list[tuple[str, str | None]] = []
         self.closed = False
@@ -60,22 +61,17 @@ class FakeEndpoint:
         self._call("adapters")
         return {name: ServedAdapter(name, path) for name, path in self.served.items()}
 
-    def load_adapter(self, name: str, path: str, *, inplace: bool = False) -> None:
+    def load_adapter(self, name: str, path: str) -> None:
         self._call("load_adapter", name)
-        if name in self.served and not inplace:
+        if name in self.served:
             raise ServerRequestFailed(f"{self.base_url}: load: HTTP 400: already loaded", 400)
-        if not (self.ignore_inplace and name in self.served):
-            self.served[name] = path
+        self.served[name] = path
 
     def unload_adapter(self, name: str) -> None:
         self._call("unload_adapter", name)
         if name not in self.served:
             raise ServerRequestFailed(f"{self.base_url}: unload: HTTP 404: not found", 404)
         del self.served[name]
-
-    def reset_prefix_cache_outcome(self) -> str:
-        self._call("reset_prefix_cache")
-        return "reset"
 
     def chat(
         self,
@@ -126,14 +122,24 @@ def fleet() -> dict[str, FakeEndpoint]:
     return {A: FakeEndpoint(A), B: FakeEndpoint(B)}
 
 
-def serve(endpoint: FakeEndpoint, adapter: AdapterVersion) -> None:
-    """The state after `overnight serve`: the champion under its pinned and stable names."""
-    endpoint.served[adapter.pinned_name] = str(adapter.path)
-    endpoint.served[adapter.track] = str(adapter.path)
+def serve(fleet: dict[str, FakeEndpoint], adapter: AdapterVersion, engine: Engine) -> None:
+    """The state after `overnight serve`: the champion loaded under its pinned name, the route on it."""
+    for endpoint in fleet.values():
+        endpoint.served[adapter.pinned_name] = str(adapter.path)
+    flip_route(engine, adapter.track, str(adapter.version), adapter.pinned_name)
 
 
-def stable_reply(endpoint: FakeEndpoint) -> str:
-    return endpoint.chat(TRACK, PROBE_PROMPTS[0])
+def routed(engine: Engine) -> str | None:
+    """The pinned name the gateway sends the stable name to."""
+    route = read_routes(engine).get(TRACK)
+    return route.adapter_name if route else None
+
+
+def stable_reply(endpoint: FakeEndpoint, engine: Engine) -> str:
+    """What a client calling the stable name through the gateway gets from `endpoint`."""
+    name = routed(engine)
+    assert name is not None
+    return endpoint.chat(name, PROBE_PROMPTS[0])
 
 
 def rows(engine: Engine) -> list[Deployment]:
@@ -144,6 +150,7 @@ def rows(engine: Engine) -> list[Deployment]:
 def run_deploy(
     adapter: AdapterVersion, fleet: dict[str, FakeEndpoint], engine: Engine, **kwargs: object
 ) -> object:
+    kwargs.setdefault("unload_grace_seconds", 0.0)
     return deploy(adapter, list(fleet), engine=engine, client_factory=fleet.__getitem__, **kwargs)  # type: ignore[arg-type]
 
 
@@ -158,16 +165,12 @@ def test_pinned_version_parses_only_this_tracks_pinned_names() -> None:
     assert pinned_version("team@support@v2", "team@support") == 2
 
 
-def test_version_serving_maps_the_stable_path_to_its_pinned_name() -> None:
-    adapters = {
-        "support": ServedAdapter("support", "/a/v2"),
-        "support@v1": ServedAdapter("support@v1", "/a/v1"),
-        "support@v2": ServedAdapter("support@v2", "/a/v2"),
-        "math@v2": ServedAdapter("math@v2", "/a/v2"),
-    }
-    assert version_serving(adapters, "support") == 2
-    assert version_serving(adapters, "math") is None  # no stable name loaded
-    assert version_serving({"support": ServedAdapter("support", "/elsewhere")}, "support") is None
+def test_prune_is_due_once_the_last_flip_is_older_than_the_grace() -> None:
+    now = datetime(2026, 12, 4, 3, 0, tzinfo=UTC)
+    assert prune_due(None, now, 60.0)  # never routed: nothing can be in flight through the route
+    assert not prune_due(now - timedelta(seconds=59), now, 60.0)
+    assert prune_due(now - timedelta(seconds=60), now, 60.0)
+    assert prune_due(now, now, 0.0)
 
 
 def test_versions_to_unload_keeps_newest_and_protected() -> None:
@@ -190,23 +193,23 @@ def test_fingerprint_depends_on_every_reply_and_their_order() -> None:
 # --------------------------------------------------------------------------- deploy
 
 
-def test_deploy_switches_every_endpoint_and_records_ok_rows(
+def test_deploy_loads_every_endpoint_then_flips_the_route_and_records_ok_rows(
     versions: dict[int, AdapterVersion], fleet: dict[str, FakeEndpoint], sql: Engine
 ) -> None:
-    for endpoint in fleet.values():
-        serve(endpoint, versions[1])
+    serve(fleet, versions[1], sql)
     result = run_deploy(versions[2], fleet, sql)
     assert result.version == 2 and result.endpoints == [A, B]  # type: ignore[attr-defined]
     assert result.previous == {A: 1, B: 1}  # type: ignore[attr-defined]
     expected = fingerprint([reply_of(str(versions[2].path), chat) for chat in PROBE_PROMPTS])
     assert result.fingerprint == expected  # type: ignore[attr-defined]
     for endpoint in fleet.values():
-        assert endpoint.served["support"] == str(versions[2].path)
-        assert set(endpoint.served) == {"support", "support@v1", "support@v2"}
+        # The previous version stays loaded (instant rollback); vLLM never sees the stable name.
+        assert set(endpoint.served) == {"support@v1", "support@v2"}
+        assert not [call for call in endpoint.calls if call[1] == TRACK]
         assert endpoint.closed
-        # The stable name moved in place: never unloaded, so no request could 404.
-        assert ("unload_adapter", "support") not in endpoint.calls
-    assert serving_versions([A, B], TRACK, client_factory=fleet.__getitem__) == {A: 2, B: 2}
+    route = read_routes(sql)[TRACK]
+    assert (route.version, route.adapter_name, route.previous_version) == ("2", "support@v2", "1")
+    assert stable_reply(fleet[B], sql) == reply_of(str(versions[2].path), PROBE_PROMPTS[0])
     recorded = rows(sql)
     assert [(r.endpoint, r.version, r.action, r.status) for r in recorded] == [
         (A, "2", "deploy", "ok"),
@@ -215,25 +218,27 @@ def test_deploy_switches_every_endpoint_and_records_ok_rows(
     assert recorded[0].adapter_name == "support@v2"
     assert recorded[0].detail["fingerprint"] == expected
     assert recorded[0].detail["previous_version"] == 1
-    assert set(recorded[0].detail["step_ms"]) >= {"load", "probe", "switch", "reset", "verify", "prune"}
+    assert set(recorded[0].detail["step_ms"]) == {"inspect", "load", "probe", "prune"}
 
 
-def test_first_deploy_plain_loads_the_stable_name(
+def test_first_deploy_creates_the_route(
     versions: dict[int, AdapterVersion], fleet: dict[str, FakeEndpoint], sql: Engine
 ) -> None:
     result = run_deploy(versions[1], fleet, sql)
     assert result.previous == {A: None, B: None}  # type: ignore[attr-defined]
-    assert fleet[A].served == {"support": str(versions[1].path), "support@v1": str(versions[1].path)}
+    assert fleet[A].served == {"support@v1": str(versions[1].path)}
+    route = read_routes(sql)[TRACK]
+    assert (route.adapter_name, route.previous_version) == ("support@v1", None)
 
 
-def test_redeploying_the_serving_version_changes_nothing(
+def test_redeploying_the_serving_version_loads_nothing(
     versions: dict[int, AdapterVersion], fleet: dict[str, FakeEndpoint], sql: Engine
 ) -> None:
-    for endpoint in fleet.values():
-        serve(endpoint, versions[2])
+    serve(fleet, versions[2], sql)
     run_deploy(versions[2], fleet, sql)
     assert not [call for call in fleet[A].calls if call[0] in ("load_adapter", "unload_adapter")]
     assert [r.status for r in rows(sql)] == ["ok", "ok"]
+    assert routed(sql) == "support@v2"
 
 
 @pytest.mark.parametrize(
@@ -242,40 +247,37 @@ def test_redeploying_the_serving_version_changes_nothing(
         (("adapters", None), "inspect"),
         (("load_adapter", "support@v2"), "load"),
         (("chat", "support@v2"), "probe"),
-        (("load_adapter", "support"), "switch"),
-        (("reset_prefix_cache", None), "reset"),
-        (("chat", "support"), "verify"),
     ],
 )
-def test_failure_on_second_endpoint_switches_the_first_back(
+def test_failure_on_second_endpoint_leaves_the_route_and_unloads_what_was_loaded(
     versions: dict[int, AdapterVersion],
     fleet: dict[str, FakeEndpoint],
     sql: Engine,
     fail_on: tuple[str, str | None],
     step: str,
 ) -> None:
-    for endpoint in fleet.values():
-        serve(endpoint, versions[1])
-    before = stable_reply(fleet[A])
+    serve(fleet, versions[1], sql)
+    before = stable_reply(fleet[A], sql)
     fleet[B].fail_on = fail_on
     with pytest.raises(SwapFailed) as caught:
         run_deploy(versions[2], fleet, sql)
     assert caught.value.endpoint == B and caught.value.step == step
     assert str(caught.value).startswith(f"{B}: {step}: ")
     assert "\n" not in str(caught.value)
-    # A had fully switched to v2; it serves v1 again and the v2 pinned name it loaded is gone.
-    assert fleet[A].served == {"support": str(versions[1].path), "support@v1": str(versions[1].path)}
-    assert stable_reply(fleet[A]) == before
+    # The route never moved, and A no longer holds the v2 it loaded for nothing.
+    assert routed(sql) == "support@v1" and read_routes(sql)[TRACK].previous_version is None
+    assert fleet[A].served == {"support@v1": str(versions[1].path)}
+    assert stable_reply(fleet[A], sql) == before
     assert [(r.endpoint, r.status, r.detail["step"]) for r in rows(sql)] == [
         (A, "failed", step),
         (B, "failed", step),
     ]
-    assert rows(sql)[0].detail["switched_back"] is True
+    assert rows(sql)[0].detail["withdrawn"] is True
 
 
 @pytest.mark.parametrize(
     ("fail_on", "step"),
-    [(("load_adapter", "support@v2"), "load"), (("load_adapter", "support"), "switch")],
+    [(("load_adapter", "support@v2"), "load"), (("chat", "support@v2"), "probe")],
 )
 def test_failure_on_first_endpoint_never_touches_the_second(
     versions: dict[int, AdapterVersion],
@@ -284,46 +286,100 @@ def test_failure_on_first_endpoint_never_touches_the_second(
     fail_on: tuple[str, str | None],
     step: str,
 ) -> None:
-    for endpoint in fleet.values():
-        serve(endpoint, versions[1])
+    serve(fleet, versions[1], sql)
     fleet[A].fail_on = fail_on
     with pytest.raises(SwapFailed, match=f"^{A}: {step}: ") as caught:
         run_deploy(versions[2], fleet, sql)
     assert caught.value.endpoint == A
     assert fleet[B].calls == []
-    assert fleet[B].served["support"] == str(versions[1].path)
+    assert routed(sql) == "support@v1"
 
 
-def test_stable_name_that_keeps_old_weights_fails_verify(
+def test_a_pinned_name_loaded_from_another_directory_is_refused(
+    versions: dict[int, AdapterVersion], fleet: dict[str, FakeEndpoint], sql: Engine
+) -> None:
+    serve(fleet, versions[1], sql)
+    fleet[B].served["support@v2"] = str(versions[3].path)  # someone loaded other weights under v2
+    with pytest.raises(SwapFailed, match=f"^{B}: load: support@v2 is already loaded from "):
+        run_deploy(versions[2], fleet, sql)
+    assert routed(sql) == "support@v1"
+    assert fleet[B].served["support@v2"] == str(versions[3].path)  # not ours: left alone
+
+
+def test_failure_during_prune_leaves_the_route(
+    versions: dict[int, AdapterVersion], fleet: dict[str, FakeEndpoint], sql: Engine
+) -> None:
+    serve(fleet, versions[1], sql)
+    for endpoint in fleet.values():
+        endpoint.served["support@v2"] = str(versions[2].path)
+        endpoint.served["support@v3"] = str(versions[3].path)
+    fleet[B].fail_on = ("unload_adapter", "support@v2")  # B goes down while pruning
+    with pytest.raises(SwapFailed, match=f"^{B}: prune: ") as caught:
+        run_deploy(versions[4], fleet, sql)
+    assert caught.value.step == "prune"
+    assert routed(sql) == "support@v1"
+    # A had pruned v2 already (served by nothing) and withdrew the v4 it loaded; v1 still serves.
+    assert set(fleet[A].served) == {"support@v1", "support@v3"}
+
+
+def test_a_flip_that_cannot_be_written_unloads_the_new_version_everywhere(
     versions: dict[int, AdapterVersion],
     fleet: dict[str, FakeEndpoint],
     sql: Engine,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("pipeline.deploy.hotswap.VERIFY_PAUSE_SECONDS", 0.0)
-    for endpoint in fleet.values():
-        serve(endpoint, versions[1])
-    fleet[B].ignore_inplace = True
-    with pytest.raises(SwapFailed, match=f"^{B}: verify: 'support' answers the probes with fingerprint"):
+    from sqlalchemy.exc import OperationalError
+
+    serve(fleet, versions[1], sql)
+
+    def refused(*_args: object, **_kwargs: object) -> None:
+        raise OperationalError("UPDATE routes", {}, Exception("database is locked"))
+
+    monkeypatch.setattr("pipeline.deploy.hotswap.flip_route", refused)
+    with pytest.raises(SwapFailed, match=r"^all endpoints: flip: cannot flip the route: ") as caught:
         run_deploy(versions[2], fleet, sql)
-    assert fleet[A].served["support"] == str(versions[1].path)
-    assert rows(sql)[1].detail["verify_attempts"] == 10
+    assert caught.value.step == "flip"
+    assert all(set(endpoint.served) == {"support@v1"} for endpoint in fleet.values())
+    assert routed(sql) == "support@v1"
+    assert [(r.status, r.detail["step"]) for r in rows(sql)] == [("failed", "flip")] * 2
 
 
-def test_failure_during_prune_switches_every_endpoint_back(
+def test_an_error_after_the_flip_committed_is_a_successful_deploy(
+    versions: dict[int, AdapterVersion],
+    fleet: dict[str, FakeEndpoint],
+    sql: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    import pipeline.deploy.hotswap as hotswap
+
+    serve(fleet, versions[1], sql)
+    real_flip = hotswap.flip_route
+
+    def flip_then_fail(*args: object, **kwargs: object) -> None:
+        real_flip(*args, **kwargs)  # type: ignore[arg-type]
+        raise OperationalError("SELECT routes", {}, Exception("connection lost"))
+
+    monkeypatch.setattr(hotswap, "flip_route", flip_then_fail)
+    result = run_deploy(versions[2], fleet, sql)
+    assert result.version == 2  # type: ignore[attr-defined]
+    assert routed(sql) == "support@v2"
+    assert all("support@v2" in endpoint.served for endpoint in fleet.values())  # nothing withdrawn
+    assert [r.status for r in rows(sql)] == ["ok", "ok"]
+
+
+def test_a_failed_redeploy_never_unloads_the_routed_version(
     versions: dict[int, AdapterVersion], fleet: dict[str, FakeEndpoint], sql: Engine
 ) -> None:
-    for endpoint in fleet.values():
-        serve(endpoint, versions[1])
-        endpoint.served["support@v2"] = str(versions[2].path)
-        endpoint.served["support@v3"] = str(versions[3].path)
-    fleet[B].fail_on = ("unload_adapter", "support@v2")  # B goes down while pruning
-    with pytest.raises(SwapFailed, match=f"^{B}: prune: .*; could not switch back: {B} ") as caught:
-        run_deploy(versions[4], fleet, sql)
-    assert caught.value.step == "prune"
-    # A had pruned v2 already; it serves v1 again, which pruning never unloads (it was the previous).
-    assert fleet[A].served["support"] == str(versions[1].path)
-    assert set(fleet[A].served) == {"support", "support@v1", "support@v3"}
+    serve(fleet, versions[2], sql)
+    del fleet[B].served["support@v2"]  # B restarted without it; a redeploy loads it there again
+    fleet[B].fail_on = ("chat", "support@v2")
+    with pytest.raises(SwapFailed, match=f"^{B}: probe: "):
+        run_deploy(versions[2], fleet, sql)
+    fleet[B].down = False
+    assert routed(sql) == "support@v2"
+    assert "support@v2" in fleet[A].served and "support@v2" in fleet[B].served
 
 
 def test_corrupt_adapter_is_refused_before_any_endpoint_call(
@@ -347,15 +403,13 @@ def test_modified_adapter_fails_the_checksum(
     assert fleet[A].calls == []
 
 
-def test_unwritable_store_switches_back_and_names_the_record_step(
+def test_a_store_without_the_schema_is_refused_before_any_endpoint_call(
     versions: dict[int, AdapterVersion], fleet: dict[str, FakeEndpoint], tmp_path: Path
 ) -> None:
     no_schema = storage.make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
-    for endpoint in fleet.values():
-        serve(endpoint, versions[1])
-    with pytest.raises(SwapFailed, match=r"^all endpoints: record: cannot write the deployment rows"):
+    with pytest.raises(SwapFailed, match=r"^all endpoints: route: cannot read the route table: "):
         run_deploy(versions[2], fleet, no_schema)
-    assert all(endpoint.served["support"] == str(versions[1].path) for endpoint in fleet.values())
+    assert fleet[A].calls == [] and fleet[B].calls == []
 
 
 def test_prune_keeps_newest_and_the_previous_version(
@@ -363,31 +417,67 @@ def test_prune_keeps_newest_and_the_previous_version(
 ) -> None:
     for n in (1, 2, 3):
         run_deploy(versions[n], fleet, sql)
-    assert set(fleet[A].served) == {"support", "support@v2", "support@v3"}
+    assert set(fleet[A].served) == {"support@v2", "support@v3"}
     assert [r.detail["unloaded"] for r in rows(sql) if r.endpoint == A] == [[], [], ["support@v1"]]
     # Roll back to v2, then deploy v4: v4 and v3 are the newest two, and v2 stays as the previous one.
     run_deploy(versions[2], fleet, sql, action="rollback")
     run_deploy(versions[4], fleet, sql)
-    assert set(fleet[A].served) == {"support", "support@v2", "support@v3", "support@v4"}
+    assert set(fleet[A].served) == {"support@v2", "support@v3", "support@v4"}
     # Forward again to v3: v4 and v3 stay, v2 (neither newest nor previous) goes.
-    run_deploy(versions[3], fleet, sql)
-    assert set(fleet[A].served) == {"support", "support@v3", "support@v4"}
+    result = run_deploy(versions[3], fleet, sql)
+    assert set(fleet[A].served) == {"support@v3", "support@v4"}
+    assert result.unloaded == ["support@v2"]  # type: ignore[attr-defined]
     assert [r.detail["unloaded"] for r in rows(sql) if r.endpoint == A][-1] == ["support@v2"]
 
 
-def test_rollback_restores_the_previous_outputs_and_records_the_action(
+def test_prune_waits_for_the_grace_after_the_last_flip(
+    versions: dict[int, AdapterVersion], fleet: dict[str, FakeEndpoint], sql: Engine
+) -> None:
+    for n in (1, 2, 3):
+        result = run_deploy(versions[n], fleet, sql, unload_grace_seconds=60.0)
+    # v1 left the stable name at the flip to v2, a moment ago: a gateway may still be sending to it.
+    assert result.prune == "deferred"  # type: ignore[attr-defined]
+    assert set(fleet[A].served) == {"support@v1", "support@v2", "support@v3"}
+    with Session(sql) as session, session.begin():
+        route = session.get(Route, TRACK)
+        assert route is not None
+        route.updated_at = datetime.now(UTC) - timedelta(seconds=61)
+    result = run_deploy(versions[4], fleet, sql, unload_grace_seconds=60.0)
+    assert result.prune == "done"  # type: ignore[attr-defined]
+    assert set(fleet[A].served) == {"support@v3", "support@v4"}
+    assert result.unloaded == ["support@v1", "support@v2"]  # type: ignore[attr-defined]
+
+
+def test_prune_keeps_versions_with_requests_in_flight(
+    versions: dict[int, AdapterVersion], fleet: dict[str, FakeEndpoint], sql: Engine
+) -> None:
+    def in_flight(name: str) -> int:
+        return 3 if name == "support@v1" else 0
+
+    for n in (1, 2, 3):
+        run_deploy(versions[n], fleet, sql, in_flight=in_flight)
+    assert "support@v1" in fleet[A].served
+    assert rows(sql)[-1].detail["kept_in_flight"] == ["support@v1"]
+    run_deploy(versions[4], fleet, sql)  # drained now
+    assert set(fleet[A].served) == {"support@v3", "support@v4"}
+
+
+def test_rollback_flips_back_to_the_resident_previous_version(
     versions: dict[int, AdapterVersion], fleet: dict[str, FakeEndpoint], sql: Engine
 ) -> None:
     run_deploy(versions[1], fleet, sql)
-    before = stable_reply(fleet[A])
+    before = stable_reply(fleet[A], sql)
     run_deploy(versions[2], fleet, sql)
-    assert stable_reply(fleet[A]) != before
+    assert stable_reply(fleet[A], sql) != before
+    loads = len([call for call in fleet[A].calls if call[0] == "load_adapter"])
     result = run_deploy(versions[1], fleet, sql, action="rollback")
-    assert stable_reply(fleet[A]) == before
+    assert stable_reply(fleet[A], sql) == before
     assert result.previous == {A: 2, B: 2}  # type: ignore[attr-defined]
     assert [(r.action, r.version) for r in rows(sql)][-2:] == [("rollback", "1"), ("rollback", "1")]
-    # The version rolled back to was still resident: no load from disk under its pinned name.
-    assert ("load_adapter", "support@v1") not in fleet[A].calls[-8:]
+    # The version rolled back to was still resident: nothing loaded, only the route flipped.
+    assert len([call for call in fleet[A].calls if call[0] == "load_adapter"]) == loads
+    route = read_routes(sql)[TRACK]
+    assert (route.adapter_name, route.previous_version) == ("support@v1", "2")
 
 
 def test_invalid_arguments_are_user_errors(versions: dict[int, AdapterVersion], sql: Engine) -> None:
@@ -397,37 +487,59 @@ def test_invalid_arguments_are_user_errors(versions: dict[int, AdapterVersion], 
         deploy(versions[1], [A], engine=sql, keep_versions=1)
 
 
-# --------------------------------------------------------------------------- serving (load, state)
+# --------------------------------------------------------------------------- serving (load, routes, state)
 
 
-def test_load_champions_serves_each_track_under_stable_and_pinned_names(
-    versions: dict[int, AdapterVersion],
+def test_load_champions_serves_each_track_under_its_pinned_name(
+    versions: dict[int, AdapterVersion], sql: Engine
 ) -> None:
-    from pipeline.deploy.serving import load_champions, serving_state
+    from pipeline.deploy.serving import load_champions, seed_routes, serving_state
 
     endpoint = FakeEndpoint(A)
     math = make_adapter_dir(versions[1].path.parents[1], 7, track="math")
     load_champions(endpoint, [versions[2], math])
-    assert endpoint.served == {
-        "support": str(versions[2].path),
-        "support@v2": str(versions[2].path),
-        "math": str(math.path),
-        "math@v7": str(math.path),
+    assert endpoint.served == {"support@v2": str(versions[2].path), "math@v7": str(math.path)}
+    load_champions(endpoint, [versions[2]])  # loaded already: nothing to do
+    assert [call for call in endpoint.calls if call[0] == "load_adapter"] == [
+        ("load_adapter", "support@v2"),
+        ("load_adapter", "math@v7"),
+    ]
+    routes = seed_routes(sql, [versions[2], math])
+    assert {track: route.adapter_name for track, route in routes.items()} == {
+        "support": "support@v2",
+        "math": "math@v7",
     }
-    load_champions(endpoint, [versions[3]])  # a newer champion moves the stable name in place
-    assert endpoint.served["support"] == str(versions[3].path)
     down = FakeEndpoint(B)
     down.down = True
-    states = serving_state([A, B], ["support", "math"], client_factory={A: endpoint, B: down}.__getitem__)
+    states = serving_state(
+        [A, B], routes, ["support", "math", "absent"], client_factory={A: endpoint, B: down}.__getitem__
+    )
     assert [(s.endpoint, s.reachable, s.serving) for s in states] == [
-        (A, True, {"support": 3, "math": 7}),
+        (A, True, {"support": 2, "math": 7, "absent": None}),
         (B, False, {}),
     ]
     assert states[1].error is not None and states[1].error.startswith(f"{B}: adapters: cannot reach")
 
 
-def test_load_champions_refuses_two_champions_for_one_track(versions: dict[int, AdapterVersion]) -> None:
+def test_seed_routes_follows_the_registry_champion_and_keeps_a_matching_route(
+    versions: dict[int, AdapterVersion], sql: Engine
+) -> None:
+    from pipeline.deploy.serving import seed_routes
+
+    seed_routes(sql, [versions[2]])
+    first = read_routes(sql)[TRACK]
+    assert seed_routes(sql, [versions[2]])[TRACK].updated_at == first.updated_at  # untouched
+    # The champion moved without serving (`--registry-only`): serve routes to it, v2 becomes previous.
+    route = seed_routes(sql, [versions[3]])[TRACK]
+    assert (route.adapter_name, route.previous_version) == ("support@v3", "2")
+
+
+def test_load_champions_refuses_two_champions_or_foreign_weights(versions: dict[int, AdapterVersion]) -> None:
     from pipeline.deploy.serving import load_champions
 
     with pytest.raises(storage.UserError, match="more than one champion for track"):
         load_champions(FakeEndpoint(A), [versions[1], versions[2]])
+    endpoint = FakeEndpoint(A)
+    endpoint.served["support@v1"] = str(versions[2].path)
+    with pytest.raises(storage.UserError, match=r"support@v1 is already loaded from .*v2, not .*v1$"):
+        load_champions(endpoint, [versions[1]])

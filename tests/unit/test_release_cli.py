@@ -64,8 +64,36 @@ def test_status_reports_unreachable_endpoints_and_no_versions(workdir: Path) -> 
     tracks = json.loads(result.stdout)["tracks"]
     assert [t["track"] for t in tracks] == ["support", "math"]
     for entry in tracks:
-        assert entry["champion"] is None and entry["last_run"] is None
+        assert entry["champion"] is None and entry["last_run"] is None and entry["route"] is None
         assert entry["serving"] == {"http://127.0.0.1:9": "unreachable"}
+
+
+def test_status_shows_the_gateways_route(workdir: Path) -> None:
+    import json
+
+    import storage
+    from storage.routes import flip_route
+
+    engine = storage.connect("sqlite:///.overnight/overnight.db")
+    flip_route(engine, "support", "1", "support@v1")
+    flip_route(engine, "support", "2", "support@v2")
+    result = runner.invoke(app, ["status", "--json"])
+    assert result.exit_code == 0, result.output
+    route = json.loads(result.stdout)["tracks"][0]["route"]
+    assert (route["version"], route["adapter"], route["previous"]) == (2, "support@v2", 1)
+
+
+def test_serve_and_gateway_refuse_a_store_that_is_not_migrated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in list(__import__("os").environ):
+        if name.startswith("OVERNIGHT_"):
+            monkeypatch.delenv(name)
+    for command in ("serve", "gateway"):
+        result = runner.invoke(app, [command])
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "db upgrade" in result.output
 
 
 def test_schedule_checks_cron_and_time_zone() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anyio.to_thread
 from sqlalchemy import Engine
@@ -46,10 +46,15 @@ class _Cached:
 
 
 class Access:
-    def __init__(self, engine: Engine, *, require_keys: bool, cache_seconds: float) -> None:
+    def __init__(
+        self, engine: Engine, *, require_keys: bool, cache_seconds: float, store_without_consent: bool = True
+    ) -> None:
         self.engine = engine
         self.require_keys = require_keys
         self.cache_seconds = cache_seconds
+        # False: traffic without consent is never stored, whatever a key allows
+        self.store_without_consent = store_without_consent
+        self.anonymous = replace(ANONYMOUS, store_traffic=store_without_consent)
         self._cache: dict[str, _Cached] = {}
         self._loading: dict[str, asyncio.Task[Caller | None]] = {}
 
@@ -72,11 +77,11 @@ class Access:
     async def _optional_key(self, token: str | None) -> Caller:
         """Keys not required: a known key applies, anything else (or a store that cannot say) is anonymous."""
         if token is None:
-            return ANONYMOUS
+            return self.anonymous
         try:
-            return await self._lookup(token) or ANONYMOUS
+            return await self._lookup(token) or self.anonymous
         except GatewayError:
-            return ANONYMOUS
+            return self.anonymous
 
     async def _lookup(self, token: str) -> Caller | None:
         digest = key_sha256(token)
@@ -98,6 +103,8 @@ class Access:
                 return cached.caller  # the store is down: the last answer stands
             raise GatewayError(503, "Cannot check the API key now: the store is unreachable.") from None
         caller = Caller.from_key(row) if row is not None else None
+        if caller is not None and not self.store_without_consent:
+            caller = replace(caller, store_traffic=False)
         if len(self._cache) >= MAX_CACHED_KEYS:
             self._cache.clear()
         self._cache[digest] = _Cached(caller, time.monotonic())

@@ -90,7 +90,10 @@ class Gateway:
         self.pool = EndpointPool(endpoints, client=self.client)
         self.routes = RouteTable(engine, base_name=base_name, tracks=tracks)
         self.access = Access(
-            engine, require_keys=settings.require_keys, cache_seconds=settings.key_cache_seconds
+            engine,
+            require_keys=settings.require_keys,
+            cache_seconds=settings.key_cache_seconds,
+            store_without_consent=settings.store_without_consent,
         )
         self.capture = Capture(
             partial(log_in_order, engine),
@@ -212,7 +215,8 @@ class Gateway:
         if owner is None:
             raise GatewayError(
                 404,
-                f"No interaction with id `{interaction_id}`.",
+                f"No interaction with id `{interaction_id}` (an answer another gateway gave reaches "
+                "the store within `gateway.flush_seconds`: retry if it was just made).",
                 code="interaction_not_found",
                 param="interaction_id",
             )
