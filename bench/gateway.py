@@ -5,11 +5,11 @@ loaded under its pinned name, and the gateway in front of it as its own process 
 as docker-compose runs it), logging into PostgreSQL (a scratch database, dropped afterwards; SQLite
 with `--sqlite`). On a CPU machine vLLM's engine is pinned to the first core and this script and
 the gateway to the others (`--no-pin` to share them all): the engine's OpenMP threads spin, so on
-shared cores any other process's work shows up as the engine's lost time (measured: 0.63-0.86x
+shared cores any other process's work shows up as the engine's lost time (measured: 0.55-0.86x
 throughput through a gateway using 3 ms of CPU a request), while on a GPU server the gateway never
 competes with the model. Measured side by side in one run:
 
-  - latency p50/p99 and throughput at 8 and 16 concurrent clients, in interleaved rounds (the
+  - latency p50/p99 and throughput at 1, 8 and 16 concurrent clients, in interleaved rounds (the
     order rotates each round), non-streamed chats of exactly 16 tokens (`ignore_eos`):
       direct   the pinned name `support@v1` straight to vLLM
       pinned   the same pinned name through the gateway (the gateway's own cost)

@@ -239,10 +239,12 @@ def run_demo(
         front.stop()  # flushes the gateway's log of those exchanges into the store
         captured = _count_interactions(engine) - logged_before
     finally:
-        if front is not None:
-            front.stop()
-        server.stop()
-        engine.dispose()
+        try:  # a second Ctrl-C while the gateway drains must still stop vLLM (its own session)
+            if front is not None:
+                front.stop()
+        finally:
+            server.stop()
+            engine.dispose()
     return {
         "home": str(home),
         "config": str(config_path),

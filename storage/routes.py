@@ -10,13 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import Engine, case, select
+from sqlalchemy import Engine, case, false, select
 from sqlalchemy.orm import Session
 
 from storage.models import Deployment, Route, utc_now
 from storage.writes import dialect_insert
 
-__all__ = ["flip_route", "read_routes"]
+__all__ = ["ANY_ROUTE", "RouteMoved", "flip_route", "read_routes"]
+
+ANY_ROUTE = "<any>"  # `expected` of an unconditional flip (seeding routes from the registry)
+
+
+class RouteMoved(Exception):
+    """The route no longer points where the flip expected: another deploy or rollback moved it."""
 
 
 def flip_route(
@@ -25,15 +31,18 @@ def flip_route(
     version: str,
     adapter_name: str,
     *,
+    expected: str | None = ANY_ROUTE,
     deployments: Sequence[Deployment] = (),
 ) -> Route:
     """Point `track` at `adapter_name` (version `version`), keeping what it served as `previous_version`.
 
-    Flipping to the version already served changes nothing but `updated_at` (a re-run after a crash).
-    `deployments` rows are written in the same transaction: the flip and its record happen together
-    or not at all.
+    `expected`: the adapter name the route must point at for the flip to happen (None: no route yet);
+    otherwise nothing is written and `RouteMoved` is raised, so two deploys or a deploy and a rollback
+    of one track in different processes never flip over each other unseen. Flipping to the version
+    already served changes nothing but `updated_at` (a re-run after a crash). `deployments` rows are
+    written in the same transaction: the flip and its record happen together or not at all.
     """
-    with Session(engine) as session, session.begin():
+    with Session(engine, expire_on_commit=False) as session, session.begin():  # rows keep their ids
         insert = dialect_insert(session.connection(), Route)
         table = Route.__table__
         statement = insert.values(
@@ -53,8 +62,15 @@ def flip_route(
                 "adapter_name": insert.excluded.adapter_name,
                 "updated_at": insert.excluded.updated_at,
             },
+            where=None
+            if expected == ANY_ROUTE
+            else (false() if expected is None else table.c.adapter_name == expected),
         )
-        session.execute(statement)
+        # RETURNING, not rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT through SQLAlchemy
+        if session.connection().execute(statement.returning(table.c.track)).first() is None:
+            raise RouteMoved(
+                f"the route of {track} moved while this deploy ran (expected {expected or 'none'})"
+            )
         session.add_all(deployments)
     return read_routes(engine)[track]
 

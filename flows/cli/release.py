@@ -19,7 +19,8 @@ from storage.errors import UserError
 
 @app.command()
 def status(ctx: typer.Context, json_output: JsonFlag = False) -> None:
-    """Per track: the champion, previous and challenger versions, what each endpoint serves, the last night."""
+    """Per track: the champion, previous and challenger versions, the gateway's route (the version the
+    stable name goes to), whether each endpoint has it loaded, and the last night."""
     import storage
     from pipeline.deploy.release import status as release_status
 
@@ -30,10 +31,25 @@ def status(ctx: typer.Context, json_output: JsonFlag = False) -> None:
         print_json(payload)
         return
     table = Table(
-        "track", "champion", "previous", "challenger", "serving", "last night", title="overnight status"
+        "track",
+        "champion",
+        "previous",
+        "challenger",
+        "route",
+        "serving",
+        "last night",
+        title="overnight status",
     )
     for entry in payload["tracks"]:
-        serving = ", ".join(f"{host(url)} {version_name(v)}" for url, v in entry["serving"].items()) or "-"
+        route = entry["route"]
+        routed = f"v{route['version']}" if route else "base"
+        serving = (
+            ", ".join(
+                f"{host(url)} {'not loaded' if v is None and route else version_name(v)}"
+                for url, v in entry["serving"].items()
+            )
+            or "-"
+        )
         last = entry["last_run"]
         night = f"{last['night']} {last['status']}" if last else "-"
         table.add_row(
@@ -41,6 +57,7 @@ def status(ctx: typer.Context, json_output: JsonFlag = False) -> None:
             fmt(entry["champion"]),
             fmt(entry["previous"]),
             fmt(entry["challenger"]),
+            routed,
             serving,
             night,
         )
@@ -216,6 +233,7 @@ def gateway(ctx: typer.Context) -> None:
         while front.running():
             time.sleep(0.5)
     except KeyboardInterrupt:
-        pass
+        return
     finally:
         front.stop()
+    raise UserError(f"the gateway on {front.base_url} stopped (see the log above)")

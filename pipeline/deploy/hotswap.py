@@ -57,7 +57,7 @@ from pipeline.deploy.vllm_client import Chat, ServedAdapter, ServerRequestFailed
 from pipeline.results import Swap
 from storage.errors import UserError
 from storage.models import Deployment, Route
-from storage.routes import flip_route, read_routes
+from storage.routes import RouteMoved, flip_route, read_routes
 
 __all__ = [
     "PROBE_PROMPTS",
@@ -173,6 +173,7 @@ class _EndpointDeploy:
     fingerprint: str = ""
     unloaded: list[str] = field(default_factory=list)
     kept_in_flight: list[str] = field(default_factory=list)
+    prune_error: str | None = None  # why pruning failed after the flip (the deploy stands)
     step_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -241,11 +242,16 @@ def _prune(endpoint: _EndpointDeploy, track: str, pruning: _Pruning) -> None:
             if pruning.in_flight is not None and pruning.in_flight(name) > 0:
                 endpoint.kept_in_flight.append(name)
                 continue
-            endpoint.client.unload_adapter(name)
+            _unload_if_loaded(endpoint.client, name)  # another deploy may have unloaded it already
             endpoint.unloaded.append(name)
 
-    if pruning.due:
+    if not pruning.due:
+        return
+    try:  # tidying after the flip: a failure is a warning, the next deploy prunes again
         _run_step(endpoint, "prune", prune)
+    except _StepFailed as failure:
+        endpoint.prune_error = failure.reason
+        logger.warning("%s: prune: %s (the next deploy prunes again)", endpoint.endpoint, failure.reason)
 
 
 def _withdraw(endpoint: _EndpointDeploy, adapter: AdapterVersion) -> bool:
@@ -410,16 +416,25 @@ def _apply_everywhere(
     touched: list[_EndpointDeploy] = []
     current = targets[0]
     previous = _route_version(route, adapter.track)
+    rows: list[Deployment] = []
     try:
         for current in targets:
             touched.append(current)
             logger.info("%s %s on %s", action, adapter.pinned_name, current.endpoint)
             _load_and_probe(current, adapter, probe_prompts)
-        for current in targets:
-            _prune(current, adapter.track, pruning)
         rows = [_row(target, adapter, action, "ok", previous) for target in targets]
+        expected = route.adapter_name if route is not None else None
         try:
-            flip_route(engine, adapter.track, str(adapter.version), adapter.pinned_name, deployments=rows)
+            flip_route(
+                engine,
+                adapter.track,
+                str(adapter.version),
+                adapter.pinned_name,
+                expected=expected,
+                deployments=rows,
+            )
+        except RouteMoved as moved:
+            raise _StepFailed("flip", f"{moved}: nothing flipped; run it again") from None
         except SQLAlchemyError as error:
             # The commit may have happened before the error (a connection lost on COMMIT, or the
             # read after it failing): then the flip and its rows are in, and the deploy succeeded.
@@ -432,6 +447,30 @@ def _apply_everywhere(
             for target in reversed(touched):
                 _withdraw(target, adapter)
         raise
+    for target in targets:  # after the flip: what it unloads can no longer be what the route serves
+        _prune(target, adapter.track, pruning)
+    _record_pruning(engine, rows, targets)
+
+
+def _record_pruning(
+    engine: sqlalchemy.Engine, rows: Sequence[Deployment], targets: Sequence[_EndpointDeploy]
+) -> None:
+    """Add what each endpoint's pruning did to its `ok` row (written with the flip, before pruning)."""
+    try:
+        with Session(engine) as session, session.begin():
+            for row, target in zip(rows, targets, strict=True):
+                detail = {
+                    **row.detail,
+                    "unloaded": target.unloaded,
+                    "kept_in_flight": target.kept_in_flight,
+                    "step_ms": target.step_ms,
+                    "prune_error": target.prune_error,
+                }
+                session.execute(
+                    sqlalchemy.update(Deployment).where(Deployment.id == row.id).values(detail=detail)
+                )
+    except SQLAlchemyError as error:  # bookkeeping only: the deploy stands
+        logger.warning("could not record the pruning of the deployment: %s", _first_line(error))
 
 
 def _routed_to(engine: sqlalchemy.Engine, adapter: AdapterVersion) -> bool | None:

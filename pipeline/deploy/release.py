@@ -60,10 +60,19 @@ def deploy_version(
     if not registry_only:
         _require_servers(config)
         swapped = swap(config, engine, adapter, action).as_json()
-    if action == "rollback":
-        registry.rollback_aliases(track, version)
-    else:
-        registry.promote(track, version)
+    try:
+        if action == "rollback":
+            registry.rollback_aliases(track, version)
+        else:
+            registry.promote(track, version)
+    except RegistryError as error:
+        if swapped is None:
+            raise
+        raise RegistryError(
+            f"{track}: the route serves v{version} now, but moving the registry aliases failed: {error}; "
+            f"run `overnight {action} {track}{'' if action == 'deploy' else ' --to'} {version}` again "
+            "once the registry is reachable (nothing is loaded twice)"
+        ) from None
     return {
         "track": track,
         "version": version,

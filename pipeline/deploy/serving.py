@@ -93,9 +93,20 @@ def seed_routes(engine: Engine, champions: Sequence[AdapterVersion]) -> dict[str
     routes = read_routes(engine)
     for champion in champions:
         route = routes.get(champion.track)
-        if route is None or route.adapter_name != champion.pinned_name:
+        if route is None:
             flip_route(engine, champion.track, str(champion.version), champion.pinned_name)
             logger.info("route %s -> %s", champion.track, champion.pinned_name)
+        elif route.adapter_name != champion.pinned_name:
+            logger.warning(
+                "route %s pointed at %s but the registry's champion is %s: routing to the champion "
+                "(`overnight deploy %s %s` routes it back)",
+                champion.track,
+                route.adapter_name,
+                champion.pinned_name,
+                champion.track,
+                route.version,
+            )
+            flip_route(engine, champion.track, str(champion.version), champion.pinned_name)
     return read_routes(engine)
 
 
@@ -139,10 +150,11 @@ def serve(
     stopped on every way out, the gateway first so its log queue is flushed while vLLM still answers.
     """
     check_port_free(gateway.host, gateway.port)  # before the minute vLLM takes, not after
-    seed_routes(engine, champions)
+    check_port_free(spec.host, spec.port, what="serving.port")
     server = start_serving(spec, champions, timeout_seconds=timeout_seconds)
     front: GatewayServer | None = None
     try:
+        seed_routes(engine, champions)  # once the champions serve: a failed start changes no route
         app = create_app(
             engine,
             endpoints=endpoints,
@@ -159,9 +171,11 @@ def serve(
         logger.info("stopping the gateway and vLLM")
         return 0
     finally:
-        if front is not None:
-            front.stop()
-        server.stop()
+        try:  # a second Ctrl-C while the gateway drains must still stop vLLM (its own session)
+            if front is not None:
+                front.stop()
+        finally:
+            server.stop()
     if code:
         raise UserError(f"vLLM on {spec.base_url} exited with code {code}")
     return 0

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
 import storage
@@ -36,7 +36,7 @@ from storage.keys import (
 )
 from storage.models import ApiKey
 from storage.records import Feedback, parse_record
-from storage.routes import flip_route, read_routes
+from storage.routes import RouteMoved, flip_route, read_routes
 from storage.writes import LaterFeedback, log_in_order
 from tests.conftest import BACKENDS, POSTGRES_ADMIN_URL, T0, make_record
 from tests.fakes.openai_upstream import FakeUpstream, reply_text
@@ -58,6 +58,23 @@ def test_a_flip_keeps_the_previous_version_and_a_repeat_changes_nothing(engine: 
         "support": "1",
         "math": "4",
     }
+
+
+def test_a_conditional_flip_happens_only_from_the_expected_route(engine: Engine) -> None:
+    from storage.models import Deployment
+
+    flip_route(engine, "support", "1", "support@v1", expected=None)
+    with pytest.raises(RouteMoved):
+        flip_route(engine, "support", "2", "support@v2", expected=None)  # a route exists already
+    row = Deployment(track="support", version="3", adapter_name="support@v3", endpoint="e", action="deploy",
+                     status="ok", detail={})  # fmt: skip
+    with pytest.raises(RouteMoved, match="moved while this deploy ran"):
+        flip_route(engine, "support", "3", "support@v3", expected="support@v2", deployments=[row])
+    assert read_routes(engine)["support"].adapter_name == "support@v1"
+    with engine.connect() as connection:  # the refused flip's record was not written either
+        assert connection.scalar(select(func.count()).select_from(Deployment)) == 0
+    moved = flip_route(engine, "support", "3", "support@v3", expected="support@v1")
+    assert (moved.adapter_name, moved.previous_version) == ("support@v3", "1")
 
 
 def test_api_keys_are_stored_hashed_found_and_revoked(engine: Engine) -> None:

@@ -306,7 +306,7 @@ def test_a_pinned_name_loaded_from_another_directory_is_refused(
     assert fleet[B].served["support@v2"] == str(versions[3].path)  # not ours: left alone
 
 
-def test_failure_during_prune_leaves_the_route(
+def test_a_failure_while_pruning_after_the_flip_leaves_the_deploy_standing(
     versions: dict[int, AdapterVersion], fleet: dict[str, FakeEndpoint], sql: Engine
 ) -> None:
     serve(fleet, versions[1], sql)
@@ -314,12 +314,43 @@ def test_failure_during_prune_leaves_the_route(
         endpoint.served["support@v2"] = str(versions[2].path)
         endpoint.served["support@v3"] = str(versions[3].path)
     fleet[B].fail_on = ("unload_adapter", "support@v2")  # B goes down while pruning
-    with pytest.raises(SwapFailed, match=f"^{B}: prune: ") as caught:
-        run_deploy(versions[4], fleet, sql)
-    assert caught.value.step == "prune"
-    assert routed(sql) == "support@v1"
-    # A had pruned v2 already (served by nothing) and withdrew the v4 it loaded; v1 still serves.
-    assert set(fleet[A].served) == {"support@v1", "support@v3"}
+    result = run_deploy(versions[4], fleet, sql)
+    assert result.version == 4 and routed(sql) == "support@v4"  # type: ignore[attr-defined]  # the flip came first and stands
+    assert set(fleet[A].served) == {"support@v1", "support@v3", "support@v4"}  # A pruned v2
+    assert result.unloaded == ["support@v2"]  # type: ignore[attr-defined]
+    assert "cannot reach the vLLM server" in rows(sql)[-1].detail["prune_error"]
+
+
+def test_pruning_never_unloads_what_the_route_serves_and_skips_what_is_gone(
+    versions: dict[int, AdapterVersion], fleet: dict[str, FakeEndpoint], sql: Engine
+) -> None:
+    serve(fleet, versions[1], sql)
+    run_deploy(versions[2], fleet, sql)
+    del fleet[A].served["support@v1"]  # unloaded by hand meanwhile: its 404 is no failure
+    run_deploy(versions[3], fleet, sql)
+    assert routed(sql) == "support@v3"
+    assert set(fleet[A].served) == {"support@v2", "support@v3"}
+
+
+def test_a_route_moved_by_another_process_is_not_flipped_over(
+    versions: dict[int, AdapterVersion], fleet: dict[str, FakeEndpoint], sql: Engine
+) -> None:
+    serve(fleet, versions[1], sql)
+    run_deploy(versions[2], fleet, sql)
+    original = fleet[B].chat
+
+    def chat_while_a_rollback_flips(model: str, messages: Chat, **kwargs: object) -> str:
+        if model == "support@v3" and routed(sql) != "support@v1":  # an operator's rollback, mid-deploy
+            flip_route(sql, TRACK, "1", "support@v1")
+        return original(model, messages, **kwargs)  # type: ignore[arg-type]
+
+    fleet[B].chat = chat_while_a_rollback_flips  # type: ignore[method-assign]
+    with pytest.raises(SwapFailed, match=r"^all endpoints: flip: the route of support moved") as caught:
+        run_deploy(versions[3], fleet, sql)
+    assert caught.value.step == "flip"
+    assert routed(sql) == "support@v1"  # the rollback stands
+    assert all("support@v3" not in endpoint.served for endpoint in fleet.values())  # withdrawn
+    assert all({"support@v1", "support@v2"} <= set(endpoint.served) for endpoint in fleet.values())
 
 
 def test_a_flip_that_cannot_be_written_unloads_the_new_version_everywhere(

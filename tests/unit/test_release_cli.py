@@ -81,6 +81,10 @@ def test_status_shows_the_gateways_route(workdir: Path) -> None:
     assert result.exit_code == 0, result.output
     route = json.loads(result.stdout)["tracks"][0]["route"]
     assert (route["version"], route["adapter"], route["previous"]) == (2, "support@v2", 1)
+    table = runner.invoke(app, ["status"], terminal_width=200)
+    assert table.exit_code == 0, table.output
+    support, math = [line for line in table.stdout.splitlines() if "support" in line or "math" in line]
+    assert "v2" in support and "base" in math
 
 
 def test_serve_and_gateway_refuse_a_store_that_is_not_migrated(
