@@ -44,6 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -212,25 +213,22 @@ def sqlite_store(work: Path) -> Iterator[Store]:
         engine.dispose()
 
 
-def stored(engine: Engine) -> dict[str, int]:
-    """Stored gateway interactions: client id -> how many rows carry it."""
+def _count_by(engine: Engine, column: Any) -> dict[str, int]:
     with Session(engine) as session:
         rows = session.execute(
-            select(Interaction.client_id, func.count())
-            .where(Interaction.track == TRACK)
-            .group_by(Interaction.client_id)
+            select(column, func.count()).where(Interaction.track == TRACK).group_by(column)
         )
-        return {str(client_id): count for client_id, count in rows}
+        return {str(value): count for value, count in rows}
+
+
+def stored(engine: Engine) -> dict[str, int]:
+    """Stored gateway interactions: client id -> how many rows carry it."""
+    return _count_by(engine, Interaction.client_id)
 
 
 def stored_models(engine: Engine) -> dict[str, int]:
-    with Session(engine) as session:
-        rows = session.execute(
-            select(Interaction.model, func.count())
-            .where(Interaction.track == TRACK)
-            .group_by(Interaction.model)
-        )
-        return {str(model): count for model, count in rows}
+    """Stored gateway interactions: the adapter that answered -> how many."""
+    return _count_by(engine, Interaction.model)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float) -> float | None:

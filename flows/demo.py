@@ -37,7 +37,6 @@ from evals.suites import write_suite
 from pipeline.config import OvernightConfig, load_config
 from pipeline.demo_world import skills
 from pipeline.demo_world import synthetic_traffic as synthetic_traffic
-from pipeline.deploy.gateway.app import create_app
 from pipeline.deploy.gateway.server import GatewayServer
 from pipeline.deploy.vllm_client import VllmClient
 from pipeline.deploy.vllm_process import ServerSpec, free_port
@@ -194,6 +193,7 @@ def run_demo(
     from flows.nightly import nightly
     from pipeline.demo_world.base_model import build_base_model, read_stamp
     from pipeline.deploy.serving import start_serving
+    from pipeline.services import gateway_app
 
     port = free_port()
     config_path, config = prepare_home(home, port, free_port())
@@ -216,14 +216,7 @@ def run_demo(
     server = start_serving(spec, [], timeout_seconds=config.serving.startup_timeout_seconds)
     front = None
     try:
-        app = create_app(
-            engine,
-            endpoints=config.serving.endpoints,
-            base_name=config.serving.base_name,
-            tracks=[track.name for track in config.tracks],
-            settings=config.gateway,
-        )
-        front = GatewayServer(app, config.gateway.host, config.gateway.port).start()
+        front = GatewayServer(gateway_app(config, engine), config.gateway.host, config.gateway.port).start()
         done = []
         for night in range(1, nights + 1):
             day = synthetic_traffic.DEFAULT_START + timedelta(days=night - 1)

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
@@ -29,11 +30,15 @@ from pipeline.register.night_log import MlflowNightLog, NightLog, NightLogContex
 from pipeline.register.registry import MlflowRegistry, Registry
 from pipeline.results import Swap
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
 __all__ = [
     "Deployer",
     "NightLogFactory",
     "NightServices",
     "api_key",
+    "gateway_app",
     "night_judge",
     "night_services",
     "open_registry",
@@ -86,6 +91,20 @@ def open_registry(config: OvernightConfig) -> MlflowRegistry:
 def api_key(config: OvernightConfig) -> str | None:
     key = config.serving.api_key
     return key.get_secret_value() if key else None
+
+
+def gateway_app(config: OvernightConfig, engine: Engine) -> FastAPI:
+    """The gateway in front of `serving.endpoints`, as the config describes it (`overnight gateway`, the demo)."""
+    from pipeline.deploy.gateway.app import create_app  # FastAPI only where a gateway runs
+
+    return create_app(
+        engine,
+        endpoints=config.serving.endpoints,
+        base_name=config.serving.base_name,
+        tracks=[track.name for track in config.tracks],
+        settings=config.gateway,
+        upstream_api_key=api_key(config),
+    )
 
 
 def reachable_endpoints(config: OvernightConfig) -> list[str]:

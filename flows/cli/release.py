@@ -208,22 +208,14 @@ def gateway(ctx: typer.Context) -> None:
     stops it after the requests in flight and the log queue are done.
     """
     import storage
-    from pipeline.deploy.gateway.app import create_app
     from pipeline.deploy.gateway.server import GatewayServer
-    from pipeline.services import api_key
+    from pipeline.services import gateway_app
 
     cfg = load(ctx)
     if not cfg.serving.endpoints:
         raise UserError("serving.endpoints: no vLLM endpoint for the gateway to send requests to")
     engine = storage.connect(cfg.database.url)
-    app_ = create_app(
-        engine,
-        endpoints=cfg.serving.endpoints,
-        base_name=cfg.serving.base_name,
-        tracks=[track.name for track in cfg.tracks],
-        settings=cfg.gateway,
-        upstream_api_key=api_key(cfg),
-    )
+    app_ = gateway_app(cfg, engine)
     front = GatewayServer(app_, cfg.gateway.host, cfg.gateway.port).start()
     try:
         stdout.print(

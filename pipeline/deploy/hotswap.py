@@ -12,11 +12,13 @@ procedure toward an older version):
     inspect   each endpoint's adapter list
     load      the version under its pinned name on each endpoint (nothing that serves changes)
     probe     greedy replies of the pinned name to fixed prompts: it answers; its fingerprint
-    prune     unload pinned versions beyond `keep_versions` that no request can still reach (below)
     flip      point the route at the pinned name and write one `deployments` row per endpoint, in
-              one transaction: every gateway process sends the stable name there within a second
+              one transaction, only if the route still points where `route` read it (a concurrent
+              deploy or rollback of the track fails this one): every gateway follows within a second
+    prune     unload pinned versions beyond `keep_versions` that no request can still reach (below);
+              after the flip, so it never unloads what the route serves, and a failure is a warning
 
-All or nothing: if a step fails on any endpoint, the pinned names this deploy loaded are unloaded
+All or nothing up to the flip: if a step fails on any endpoint, the pinned names this deploy loaded are unloaded
 again, the route is not flipped (every gateway keeps sending the stable name to the version it
 served), failed rows are recorded, the error names the endpoint and the step, and the caller (who
 moves the registry alias only after success) moves nothing. The previous version stays loaded, so a
