@@ -41,7 +41,7 @@ from pipeline.demo_world import planted, skills  # noqa: E402
 from pipeline.demo_world.base_model import build_base_model  # noqa: E402
 from pipeline.gate.evaluation import evaluate_candidate  # noqa: E402
 from pipeline.gate.generation import Chat, Decoding, InProcessGenerator  # noqa: E402
-from pipeline.train.recipe import run  # noqa: E402
+from pipeline.train.grpo import run  # noqa: E402
 
 TRAIN, HELDOUT = planted.arithmetic_prompts()
 

@@ -1,7 +1,7 @@
 """Training benchmark: where a GRPO step's time goes, tokens/s, peak memory, LoRA vs full-parameter.
 
 Each measurement runs in a fresh process (so peak memory is its own), side by side in one run:
-  - LoRA through the real stage (`pipeline.train.recipe.run`): per step, generation vs optimisation seconds
+  - LoRA through the real stage (`pipeline.train.grpo.run`): per step, generation vs optimisation seconds
     (generation timed around `generate`), completion tokens/s, peak memory;
   - full-parameter GRPO on the same model, data and settings (TRL without PEFT): peak memory;
   - the ratio of the two peaks.
@@ -147,7 +147,7 @@ def _peak_memory_mb() -> float:
 
 
 def _lora_child(model: str, out: Path, steps: int) -> dict[str, Any]:
-    from pipeline.train.recipe import run
+    from pipeline.train.grpo import run
 
     clock = _GenerationClock()
     start = time.perf_counter()
@@ -173,7 +173,7 @@ def _full_child(model: str, out: Path, steps: int) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer
 
-    from pipeline.train.recipe import grpo_args, prompt_dataset
+    from pipeline.train.grpo import grpo_args, prompt_dataset
 
     settings = _settings(steps)
     args = grpo_args(

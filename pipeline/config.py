@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Mapping, Set
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -93,6 +93,10 @@ class LoraConfig(Section):
 
 
 class TrainConfig(Section):
+    # grpo: RL on the track's reward (judge, graders, reward model); kto: thumbs as desirable and
+    # undesirable replies; dpo: preference pairs (two replies to one prompt, from the logs or from
+    # the champion's samples ranked by the reward); sft: best-rated replies (rejection sampling).
+    method: Literal["grpo", "kto", "dpo", "sft"] = "grpo"
     max_steps: int = Field(default=40, ge=1)  # optimisation steps at most
     max_wall_seconds: float = Field(default=900.0, gt=0)  # wall-clock budget for the whole update
     kl_budget: float = Field(default=0.1, gt=0)  # stop early when the rolling KL to the champion exceeds this
@@ -108,6 +112,30 @@ class TrainConfig(Section):
     heldout_fraction: float = Field(default=0.2, gt=0, lt=1)  # share of selected prompts kept for the gate
     seed: int = 0
     lora: LoraConfig = LoraConfig()
+    # KTO, DPO and SFT. A reply's score is the user's feedback (thumb, rating) when it has some, else
+    # the track's reward; desirable at or above `desirable_score`, undesirable at or below
+    # `undesirable_score`, neither in between (a thumb up with a rating of 1 is 0.5: ambiguous).
+    preference_beta: float = Field(
+        default=0.1, gt=0
+    )  # DPO's and KTO's beta: strength of the pull to the reference
+    min_examples: int = Field(default=8, ge=1)  # fewer examples (pairs for DPO) and the night is skipped
+    desirable_score: float = Field(default=0.75, ge=0, le=1)
+    undesirable_score: float = Field(default=0.25, ge=0, le=1)
+    pair_margin: float = Field(default=0.25, gt=0, le=1)  # DPO: chosen must outscore rejected by this much
+    # KTO, DPO and SFT also sample `num_generations` replies per prompt from the champion and rank them
+    # by the track's reward (on-policy labels and pairs, rejection sampling); false: logged replies only.
+    on_policy: bool = True
+
+    @model_validator(mode="after")
+    def _scores_ordered(self) -> TrainConfig:
+        if self.method == "kto" and self.prompts_per_step < 2:
+            raise ValueError("kto needs prompts_per_step >= 2 (its KL term pairs examples within a step)")
+        if self.undesirable_score >= self.desirable_score:
+            raise ValueError(
+                f"undesirable_score ({self.undesirable_score}) must be below desirable_score "
+                f"({self.desirable_score})"
+            )
+        return self
 
 
 class GateConfig(Section):

@@ -64,6 +64,7 @@ from pipeline.results import (
 from pipeline.select import select as select_prompts
 from pipeline.services import NightServices
 from pipeline.train import recipe
+from pipeline.train import stage as train_stage
 from pipeline.train.rewards import reward_functions
 from storage import runs as ledger
 from storage.reads import get_snapshot
@@ -309,6 +310,7 @@ def select(night: Night, judged: Judged) -> Selected:
         max_prompts=train.max_prompts,
         heldout_fraction=train.heldout_fraction,
         seed=train.seed,
+        feedback_first=train.method != "grpo",
     )
     paths = {}
     for name, prompts in (("train", chosen.train), ("heldout", chosen.heldout)):
@@ -338,7 +340,7 @@ def train(night: Night, selected: Selected) -> Trained:
     functions, weights = reward_functions(
         spec.reward, night.judge if spec.reward.judge > 0 else None, load_rubric(spec.rubric)
     )
-    result = recipe.run(
+    result = train_stage.train(
         night.config.train_for(night.track),
         prompts,
         functions,
@@ -363,7 +365,7 @@ def _finished_training(out_dir: Path) -> Trained | None:
 
 def gate(night: Night, trained: Trained, selected: Selected) -> GateDecision:
     if trained.adapter_dir is None:
-        return GateDecision(passed=False, skipped=True, reason=trained.stop_reason)
+        return GateDecision(passed=False, skipped=True, reason=trained.detail or trained.stop_reason)
     champion = champion_adapter(night)
     return gate_stage.gate_track(
         night.config,
@@ -510,7 +512,13 @@ def summarize(night: Night, outcome: NightOutcome) -> dict[str, Any]:
         "reason": f"skipped: {decision.reason or trained.stop_reason}"
         if decision.skipped
         else decision.report().reason(),
-        "train": {"steps": trained.steps, "stop_reason": trained.stop_reason, "kl": trained.kl},
+        "train": {
+            "method": trained.method,
+            "steps": trained.steps,
+            "stop_reason": trained.stop_reason,
+            "kl": trained.kl,
+            **({"data": dict(trained.data)} if trained.data else {}),
+        },
         "deployed": outcome.deployed.deployed,
         "rows": outcome.harvested.rows,
         "mean_reward": outcome.judged.mean_reward,

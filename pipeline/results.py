@@ -44,13 +44,30 @@ class TrainPrompt:
     messages: list[dict[str, str]]  # chat prompt (ends with a user turn)
     reference: str | None = None  # passed to reward functions as the `reference` column
     metadata: dict[str, Any] = field(default_factory=dict)  # each key becomes a column for the rewards
+    response: str | None = None  # the logged reply (KTO, DPO and SFT learn from it; GRPO samples its own)
+    score: float | None = None  # the reply's score in [0, 1]: the user's feedback, else the judged reward
+    score_source: str | None = None  # "feedback" or "reward"
 
     def as_json(self) -> dict[str, Any]:
-        return {"messages": self.messages, "reference": self.reference, "metadata": self.metadata}
+        data: dict[str, Any] = {
+            "messages": self.messages,
+            "reference": self.reference,
+            "metadata": self.metadata,
+        }
+        if self.response is not None:
+            data |= {"response": self.response, "score": self.score, "score_source": self.score_source}
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainPrompt:
-        return cls(data["messages"], data.get("reference"), data.get("metadata") or {})
+        return cls(
+            data["messages"],
+            data.get("reference"),
+            data.get("metadata") or {},
+            data.get("response"),
+            data.get("score"),
+            data.get("score_source"),
+        )
 
 
 class StageResult(BaseModel):
@@ -113,7 +130,9 @@ class Trained(StageResult):
     """The bounded update's outcome; `adapter_dir` is None when nothing was trained."""
 
     steps: int
-    stop_reason: str  # max_steps | wall_clock | kl_budget | no_signal | completed | no_prompts
+    stop_reason: (
+        str  # max_steps | wall_clock | kl_budget | no_signal | completed | no_prompts | too_little_data
+    )
     adapter_dir: Path | None = None
     kl: float | None = None  # last rolling KL to the reference (the champion, or the base)
     kl_to_champion: float | None = None
@@ -124,6 +143,9 @@ class Trained(StageResult):
     wall_seconds: float = 0.0
     trainable_parameters: int = 0
     bounds: dict[str, float] = Field(default_factory=dict)
+    method: str = "grpo"
+    detail: str | None = None  # why nothing was trained (too little data for the method), in words
+    data: dict[str, int] = Field(default_factory=dict)  # examples trained on, by kind
     champion_version: int | None = None  # the version training continued from
     reused: bool = False  # the result of a run that died after training
 

@@ -40,16 +40,32 @@ class Selection:
 
 
 def select(
-    judged: Iterable[dict[str, Any]], *, max_prompts: int, heldout_fraction: float, seed: int = 0
+    judged: Iterable[dict[str, Any]],
+    *,
+    max_prompts: int,
+    heldout_fraction: float,
+    seed: int = 0,
+    feedback_first: bool = False,
 ) -> Selection:
-    """From judged records (see `pipeline.judge.stage`), the training and held-out prompts."""
+    """From judged records (see `pipeline.judge.stage`), the training and held-out prompts.
+
+    `feedback_first` (the feedback methods: KTO, DPO, SFT): rows a user gave feedback on are chosen
+    before the rest, since their replies carry the labels those methods learn from.
+    """
     rows = list(judged)
     train_rows, heldout_rows = [], []
     for row in rows:
         (heldout_rows if is_heldout(row["messages"], heldout_fraction, seed) else train_rows).append(row)
     heldout_cap = max(1, round(max_prompts * heldout_fraction / (1 - heldout_fraction)))
+    if feedback_first:
+        rated = [row for row in train_rows if row.get("feedback_score") is not None]
+        rest = [row for row in train_rows if row.get("feedback_score") is None]
+        chosen = _weakest_first_spread(rated, max_prompts)
+        chosen += _weakest_first_spread(rest, max_prompts - len(chosen))
+    else:
+        chosen = _weakest_first_spread(train_rows, max_prompts)
     return Selection(
-        train=[_prompt(row) for row in _weakest_first_spread(train_rows, max_prompts)],
+        train=[_prompt(row) for row in chosen],
         heldout=[_prompt(row) for row in _weakest_first_spread(heldout_rows, heldout_cap)],
         considered=len(rows),
         unscored=sum(1 for row in rows if row.get("reward") is None),
@@ -92,8 +108,15 @@ def _weakness(row: dict[str, Any]) -> tuple[int, float, int]:
 
 
 def _prompt(row: dict[str, Any]) -> TrainPrompt:
+    """A judged row as a training prompt, with its logged reply and that reply's score: the user's
+    feedback when there is some (what they thought beats what the judge thought), else the reward."""
+    feedback, reward = row.get("feedback_score"), row.get("reward")
+    score, source = (feedback, "feedback") if feedback is not None else (reward, "reward")
     return TrainPrompt(
         messages=[{"role": m["role"], "content": m["content"]} for m in row["messages"]],
         reference=reference_of(row),
-        metadata={"interaction_id": row.get("interaction_id"), "served_reward": row.get("reward")},
+        metadata={"interaction_id": row.get("interaction_id"), "served_reward": reward},
+        response=row.get("response"),
+        score=score,
+        score_source=source if score is not None else None,
     )

@@ -5,6 +5,6 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pipeline.train.recipe import main
+from pipeline.train.stage import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""What bounds a night's GRPO update: batch layout, per-step metrics, the stop rules, the cost
+"""What bounds a night's update (GRPO, KTO, DPO, SFT): batch layout, per-step metrics, the stop rules, the cost
 and the cost estimate. (The KL of an adapter to its base is in `pipeline.train.kl`, the job file of
 `python -m pipeline.train` in `pipeline.train.job`.)
 
@@ -90,6 +90,8 @@ class StepMetrics:
     step_seconds: float  # wall time since the previous step ended
     elapsed_seconds: float  # wall time since the update started (model loading included)
     rewards: dict[str, float] = field(default_factory=dict)  # mean of each reward function
+    # What preference and SFT trainers log instead of a reward (`PREFERENCE_FIGURES`), by TRL's names.
+    preference: dict[str, float] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,9 +99,30 @@ class StepMetrics:
     def flat(self) -> dict[str, float]:
         """The figures that are known, one level deep (`reward/<function>` for each reward function)."""
         figures = {key: value for key, value in self.as_json().items() if isinstance(value, int | float)}
-        return {key: float(value) for key, value in figures.items()} | {
-            f"reward/{name}": value for name, value in self.rewards.items()
-        }
+        return (
+            {key: float(value) for key, value in figures.items()}
+            | {f"reward/{name}": value for name, value in self.rewards.items()}
+            | dict(self.preference)
+        )
+
+
+# The figures KTO, DPO and SFT log per step that say whether they learn: the implicit rewards of the
+# chosen and rejected replies, their margin, the share of pairs ranked right, the token accuracy.
+PREFERENCE_FIGURES = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "mean_token_accuracy",
+)
+
+
+def is_step_log(logs: Mapping[str, Any]) -> bool:
+    """A trainer's log of one optimisation step (GRPO logs a reward, every method a loss), not its
+    final summary."""
+    return ("reward" in logs or "loss" in logs) and "train_runtime" not in logs
 
 
 def _number(logs: Mapping[str, Any], key: str) -> float | None:
@@ -118,7 +141,7 @@ def step_metrics(
     previous: Sequence[StepMetrics] = (),
 ) -> StepMetrics | None:
     """TRL's log of one training step as StepMetrics; None for logs that are not a step (the final summary)."""
-    if "reward" not in logs or "train_runtime" in logs:
+    if not is_step_log(logs):
         return None
     kl = _number(logs, "kl")
     kl_history = [m.kl for m in previous if m.kl is not None] + ([kl] if kl is not None else [])
@@ -142,6 +165,7 @@ def step_metrics(
         step_seconds=step_seconds,
         elapsed_seconds=elapsed_seconds,
         rewards=rewards,
+        preference={key: value for key in PREFERENCE_FIGURES if (value := _number(logs, key)) is not None},
     )
 
 
@@ -341,15 +365,24 @@ def estimate(
     prompt_tokens: int = PROMPT_TOKENS_GUESS,
     num_processes: int = 1,
     with_champion: bool = False,
+    sequences_per_prompt: int | None = None,
 ) -> TrainEstimate:
-    """Trainable parameters, memory per process and time per step of an update with these settings."""
+    """Trainable parameters, memory per process and time per step of an update with these settings.
+
+    `sequences_per_prompt`: sequences a step scores per example for methods other than GRPO (2 for a
+    DPO pair, 1 for SFT); None is GRPO's group of `num_generations`.
+    """
     on_cuda = torch.cuda.is_available()
-    layout = batch_layout(settings.prompts_per_step, settings.num_generations, num_processes)
+    if sequences_per_prompt is None:
+        layout = batch_layout(settings.prompts_per_step, settings.num_generations, num_processes)
+        per_device = layout.per_device_completions
+    else:
+        per_device = max(1, settings.prompts_per_step * sequences_per_prompt // num_processes)
     return estimate_from_shape(
         model_shape(base_model),
         rank=settings.lora.rank,
         target_modules=settings.lora.target_modules,
-        sequences_per_device=layout.per_device_completions,
+        sequences_per_device=per_device,
         prompt_tokens=prompt_tokens,
         completion_tokens=settings.max_completion_tokens,
         max_steps=settings.max_steps,

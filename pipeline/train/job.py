@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.config import TrainConfig
 from storage.errors import UserError
@@ -24,6 +24,9 @@ class JobPrompt(BaseModel):
     messages: list[dict[str, str]]
     reference: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    response: str | None = None  # a logged reply (KTO, DPO, SFT)
+    score: float | None = None  # its score in [0, 1]
+    score_source: str | None = None
 
 
 class TrainJob(BaseModel):
@@ -36,7 +39,14 @@ class TrainJob(BaseModel):
     champion: Path | None = None  # the adapter to continue from; None trains a fresh LoRA
     train: TrainConfig = TrainConfig()
     prompts: list[JobPrompt] = Field(min_length=1)
-    graders: list[dict[str, Any]] = Field(min_length=1)  # evals.graders specs, each with an optional `weight`
+    # evals.graders specs, each with an optional `weight`: GRPO's reward, DPO's and SFT's ranking of samples
+    graders: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _grpo_has_a_reward(self) -> TrainJob:
+        if self.train.method == "grpo" and not self.graders:
+            raise ValueError("GRPO needs at least one grader")
+        return self
 
     def reward_weights(self) -> list[float]:
         return [float(spec.get("weight", 1.0)) for spec in self.graders]

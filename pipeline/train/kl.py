@@ -1,14 +1,17 @@
-"""The KL of an adapter to its base: exact, per token, over the full vocabulary, on sampled completions.
+"""The KL of an adapter to its base (or to the champion): exact, per token, over the full vocabulary,
+on sampled completions.
 
 Why its own module: the training stage measures it after an update (the night's `kl` figure and the
-KL budget's last word) and the forgetting guard measures it again on suite prompts; both must use the
-same arithmetic. `completion_mask` and `masked_token_kl` are pure tensor functions; `kl_to_base`
-samples with the adapter on and scores the same tokens with it off.
+KL budget's last word), the feedback methods measure it after every step for their KL budget, and the
+forgetting guard measures it again on suite prompts; all must use the same arithmetic.
+`completion_mask` and `masked_token_kl` are pure tensor functions; `kl_to_reference` samples with the
+adapter on and scores the same tokens inside a reference context (`kl_to_base`: adapters off).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -41,7 +44,6 @@ def masked_token_kl(
     return float((per_token * mask).sum()), float(mask.sum())
 
 
-@torch.no_grad()
 def kl_to_base(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -58,6 +60,33 @@ def kl_to_base(
     quantity TRL's `kl` estimates per token), with the adapter disabled for the base. Sampling is
     seeded, so the figure is reproducible.
     """
+    return kl_to_reference(
+        model,
+        tokenizer,
+        chats,
+        reference=model.disable_adapter,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        samples_per_prompt=samples_per_prompt,
+    )
+
+
+@torch.no_grad()
+def kl_to_reference(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    chats: Sequence[list[dict[str, str]]],
+    *,
+    reference: Callable[[], AbstractContextManager[Any]],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    samples_per_prompt: int = KL_PROBE_SAMPLES,
+) -> float:
+    """Mean per-token KL(policy || reference) on completions `model` samples for `chats`, where
+    `reference()` is a context in which `model` computes the reference (adapters off, or the "ref"
+    adapter active)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -69,7 +98,14 @@ def kl_to_base(
             for start in range(0, len(chats), KL_PROBE_BATCH):
                 batch = chats[start : start + KL_PROBE_BATCH]
                 part, tokens = _probe_batch_kl(
-                    model, tokenizer, batch, stop_ids, max_new_tokens, temperature, samples_per_prompt
+                    model,
+                    tokenizer,
+                    batch,
+                    stop_ids,
+                    max_new_tokens,
+                    temperature,
+                    samples_per_prompt,
+                    reference,
                 )
                 total, count = total + part, count + tokens
     finally:
@@ -94,6 +130,7 @@ def _probe_batch_kl(
     max_new_tokens: int,
     temperature: float,
     samples: int,
+    reference: Callable[[], AbstractContextManager[Any]],
 ) -> tuple[float, float]:
     device = next(model.parameters()).device
     encoded: Any = tokenizer.apply_chat_template(
@@ -118,6 +155,6 @@ def _probe_batch_kl(
     attention = torch.cat([inputs["attention_mask"].repeat_interleave(samples, dim=0), mask.long()], dim=1)
     scored = slice(prompt_length - 1, -1)  # logits at position t predict token t + 1
     policy = model(input_ids=sequences, attention_mask=attention).logits[:, scored] / temperature
-    with model.disable_adapter():
+    with reference():
         base = model(input_ids=sequences, attention_mask=attention).logits[:, scored] / temperature
     return masked_token_kl(policy, base, mask)

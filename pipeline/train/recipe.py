@@ -1,17 +1,21 @@
-"""The bounded LoRA RL update (GRPO): one night's training of a track's adapter, from its champion.
+"""What every training method of a night shares: the result, the model loading, the bounds callback,
+the recipe skeleton and the adapter files. One module per method builds on it: `pipeline.train.grpo`
+(RL on rewards), `pipeline.train.kto`, `pipeline.train.dpo` and `pipeline.train.sft` (feedback and
+preferences, through `pipeline.train.feedback`); `pipeline.train.stage` picks one by `train.method`.
 
 Why it is built this way:
 
-- TRL's `GRPOTrainer` does the RL (sampling groups, group-relative advantages, the clipped loss and
-  the KL penalty) and PEFT the adapter. Written here is only what they do not do for a nightly loop:
-  continue from the champion with the champion (not the base) as the KL reference, bound the night
-  (steps, wall clock, KL budget, no learning signal), measure the candidate's KL to the base, and
-  leave a vLLM-loadable adapter directory with per-step metrics and sha256s for the gate and registry.
+- TRL's trainers do the learning and PEFT the adapter. Written here is only what they do not do for
+  a nightly loop: continue from the champion with the champion (not the base) as the reference,
+  bound the night (steps, wall clock, KL budget, no learning signal), measure the candidate's KL to
+  the base, and leave a vLLM-loadable adapter directory with per-step metrics and sha256s for the
+  gate and registry. Every method goes through the same `Recipe.save`, so every candidate carries
+  the same facts to the same forgetting guard.
 - The KL reference is what is serving. Each night's drift is then bounded against the champion, so
   a line of adapters cannot walk away from the base a budget's worth per night unnoticed; the KL to
   the base is measured after training and reported for the gate's own bound.
-- A night that cannot learn (every group's rewards tie, so every advantage is zero) stops early and
-  writes nothing: the champion stays what it was, byte for byte.
+- A night that cannot learn (no signal, or too little data for its method) writes no adapter: the
+  champion stays what it was, byte for byte, and the night says why.
 - Recipe layout as in torchtune: `setup / train / save / cleanup`; the pure rules live in
   `pipeline.train.bounds`. The same code runs as several processes under `accelerate launch`
   (gloo on CPU): only the main process writes files, and stop decisions are taken on figures every
@@ -20,13 +24,12 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import logging
 import shutil
-import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,31 +56,38 @@ from pipeline.train.bounds import (
     PROMPT_TOKENS_GUESS,
     StepMetrics,
     TrainEstimate,
-    batch_layout,
     early_stop_reason,
     estimate,
     final_stop_reason,
-    planned_steps,
+    is_step_log,
     step_metrics,
 )
-from pipeline.train.job import load_job
 from pipeline.train.kl import kl_to_base
-from storage.errors import UserError
 
-__all__ = ["TrainEstimate", "TrainPrompt", "TrainResult", "estimate", "kl_to_base", "load_champion", "run"]
+__all__ = [
+    "Recipe",
+    "TrainEstimate",
+    "TrainPrompt",
+    "TrainResult",
+    "estimate",
+    "kl_to_base",
+    "load_base",
+    "load_champion",
+    "lora_config",
+    "save_adapter",
+]
 
 logger = logging.getLogger(__name__)
 
 RewardFunction = Callable[..., list[float]]
 Progress = Callable[[int, dict[str, float]], None]
+KlProbe = Callable[[], float]
 
 ADAPTER_DIR = "adapter"  # the candidate PEFT adapter inside out_dir
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "train_result.json"
 KL_PROBE_PROMPTS = 16  # training prompts the KL to the base is measured on after training
-# TRL computes reference log-probs (and logs `kl`) only when beta != 0. With beta = 0 the KL budget
-# still needs that figure, so the penalty is made negligible instead of absent.
-_MEASURE_ONLY_BETA = 1e-12
+METHODS = ("grpo", "kto", "dpo", "sft")
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,7 @@ class TrainResult:
 
     adapter_dir: Path | None  # PEFT adapter directory (safetensors); None when nothing was trained
     steps: int
-    stop_reason: str  # max_steps | wall_clock | kl_budget | no_signal | completed
+    stop_reason: str  # max_steps | wall_clock | kl_budget | no_signal | completed | too_little_data
     kl_to_champion: float | None  # last rolling KL to the reference (the champion, or the base without one)
     kl_to_base: float | None  # KL of the final adapter to the base on the prompts, measured after training
     metrics_path: Path  # metrics.jsonl, one line per step
@@ -96,6 +106,9 @@ class TrainResult:
     bounds: dict[str, float] = field(
         default_factory=dict
     )  # the limits this night ran under (see `night_bounds`)
+    method: str = "grpo"
+    detail: str | None = None  # why nothing was trained (too little data), in words
+    data: dict[str, int] = field(default_factory=dict)  # examples the method trained on, by kind
 
     @property
     def adapter_digest(self) -> str | None:
@@ -116,6 +129,9 @@ class TrainResult:
             "wall_seconds": self.wall_seconds,
             "trainable_parameters": self.trainable_parameters,
             "bounds": dict(self.bounds),
+            "method": self.method,
+            "detail": self.detail,
+            "data": dict(self.data),
         }
 
 
@@ -128,7 +144,7 @@ def night_bounds(settings: TrainConfig, planned_steps: int) -> dict[str, float]:
         "kl_budget": settings.kl_budget,
         "learning_rate": settings.learning_rate,
         "max_grad_norm": settings.max_grad_norm,
-        "beta": settings.beta,
+        "beta": settings.beta if settings.method == "grpo" else settings.preference_beta,
         "lora_rank": settings.lora.rank,
         "lora_alpha": settings.lora.alpha,
     }
@@ -184,23 +200,6 @@ def load_champion(base: PreTrainedModel, champion: Path, lora: LoraConfig) -> An
     return model
 
 
-def prompt_dataset(prompts: Sequence[TrainPrompt]) -> Any:
-    """A `datasets.Dataset` with `prompt` (chat messages), `reference` and one column per metadata key."""
-    from datasets import Dataset
-
-    keys = sorted({key for prompt in prompts for key in prompt.metadata})
-    clash = {"prompt", "reference"} & set(keys)
-    if clash:
-        raise ValueError(f"prompt metadata may not use the reserved column names {sorted(clash)}")
-    rows = []
-    for index, prompt in enumerate(prompts):
-        if not prompt.messages or prompt.messages[-1].get("role") != "user":
-            raise ValueError(f"prompt {index}: messages must end with a user turn")
-        row = {"prompt": [dict(message) for message in prompt.messages], "reference": prompt.reference}
-        rows.append(row | {key: prompt.metadata.get(key) for key in keys})
-    return Dataset.from_list(rows)
-
-
 def _check_loaded_champion(model: Any, champion: Path) -> None:
     """The trainable "default" adapter must equal the champion's saved weights, tensor for tensor.
 
@@ -217,17 +216,6 @@ def _check_loaded_champion(model: Any, champion: Path) -> None:
     for key, tensor in saved.items():
         if not torch.equal(loaded[key].detach().cpu().to(tensor.dtype), tensor):
             raise RuntimeError(f"champion {champion}: {key} differs from the saved weights after loading")
-
-
-def _check_champion_reference(model: Any) -> None:
-    """Fail loudly unless TRL set the champion up as a frozen "ref" adapter (see GrpoRecipe.setup)."""
-    if "ref" not in model.peft_config:
-        raise RuntimeError(
-            "GRPOTrainer did not create the frozen 'ref' adapter; the KL reference would be the base"
-        )
-    for name, parameter in model.named_parameters():
-        if ".ref." in name and parameter.requires_grad:
-            raise RuntimeError(f"reference adapter weight {name} is trainable")
 
 
 # --------------------------------------------------------------------------- bounds callback
@@ -253,6 +241,9 @@ class NightBounds(TrainerCallback):
 
     Runs on every process. TRL's logged figures (reward, kl, zero-std share, loss) are already
     reduced over processes and the elapsed time is reduced here, so every process stops together.
+    Methods whose trainer logs no KL to the reference (KTO, DPO, SFT) give a `kl_probe`: it measures
+    the policy's KL to the reference on the same sampled prompts after each step (every process
+    samples with the same seed, so all get the same figure) and replaces what the trainer logged.
     """
 
     def __init__(
@@ -264,7 +255,9 @@ class NightBounds(TrainerCallback):
         metrics_path: Path,
         state: PartialState,
         progress: Progress | None,
+        kl_probe: KlProbe | None = None,
     ) -> None:
+        self.kl_probe = kl_probe
         self.kl_budget = kl_budget
         self.max_wall_seconds = max_wall_seconds
         self.started = started
@@ -288,9 +281,12 @@ class NightBounds(TrainerCallback):
         logs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        logs = logs or {}
+        if self.kl_probe is not None and is_step_log(logs):
+            logs = {**logs, "kl": self.kl_probe()}
         now = time.perf_counter()
         metrics = step_metrics(
-            logs or {},
+            logs,
             step=state.global_step,
             step_seconds=now - self._last_step_end,
             elapsed_seconds=now - self.started,
@@ -320,50 +316,44 @@ class NightBounds(TrainerCallback):
 # --------------------------------------------------------------------------- the recipe
 
 
-def grpo_args(
-    settings: TrainConfig,
-    *,
-    output_dir: Path,
-    per_device_completions: int,
-    max_steps: int,
-    reward_weights: Sequence[float] | None,
-) -> Any:
-    """TRL's GRPOConfig for one night: every bound comes from `settings`."""
-    from trl.trainer.grpo_config import GRPOConfig
-
+def training_args(
+    settings: TrainConfig, *, output_dir: Path, max_steps: int, batch_size: int
+) -> dict[str, Any]:
+    """The TrainingArguments every method's TRL config shares for one night; all bounds from `settings`."""
     on_cuda = torch.cuda.is_available()
-    return GRPOConfig(
-        output_dir=str(output_dir),
-        use_cpu=not on_cuda,
-        bf16=_dtype() == torch.bfloat16,
-        fp16=False,
-        seed=settings.seed,
-        data_seed=settings.seed,
-        max_steps=max_steps,
-        per_device_train_batch_size=per_device_completions,
-        gradient_accumulation_steps=1,
-        num_generations=settings.num_generations,
-        max_completion_length=settings.max_completion_tokens,
-        temperature=settings.temperature,
-        beta=settings.beta if settings.beta > 0 else _MEASURE_ONLY_BETA,
-        learning_rate=settings.learning_rate,
+    return {
+        "output_dir": str(output_dir),
+        "use_cpu": not on_cuda,
+        "bf16": _dtype() == torch.bfloat16,
+        "fp16": False,
+        "seed": settings.seed,
+        "data_seed": settings.seed,
+        "max_steps": max_steps,
+        "per_device_train_batch_size": batch_size,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": settings.learning_rate,
         # Constant: a night may end on its wall clock or KL budget, so a schedule that decays to zero at
         # max_steps would make the step size depend on a bound rather than on the learning rate.
-        lr_scheduler_type="constant",
-        max_grad_norm=settings.max_grad_norm,
-        reward_weights=list(reward_weights) if reward_weights is not None else None,
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": settings.max_grad_norm,
         # Memory for time on accelerators; tiny CPU models do not need it.
-        gradient_checkpointing=on_cuda,
-        ddp_find_unused_parameters=False,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-    )
+        "gradient_checkpointing": on_cuda,
+        "ddp_find_unused_parameters": False,
+        "logging_steps": 1,
+        "report_to": "none",
+        "save_strategy": "no",
+        "disable_tqdm": True,
+    }
 
 
-class GrpoRecipe:
-    """One night's GRPO update: `setup`, `train`, `save`, `cleanup` (torchtune's recipe shape)."""
+class Recipe(ABC):
+    """One night's update of a track's adapter: `setup`, `train`, `save`, `cleanup` (torchtune's shape).
+
+    A method subclasses it and builds its TRL trainer in `setup` (with `start`, `load_policy` and
+    `attach`); loading, bounds, saving and the result are the same for every method.
+    """
+
+    method = "grpo"
 
     def __init__(
         self, settings: TrainConfig, *, base_model: str, out_dir: Path, champion: Path | None, started: float
@@ -375,11 +365,14 @@ class GrpoRecipe:
         self.started = started
         self.state = process_state()
         self.metrics_path = self.out_dir / METRICS_FILE
-        self.prompts: list[TrainPrompt] = []
+        self.prompts: list[TrainPrompt] = []  # tonight's prompts; the first KL_PROBE_PROMPTS probe the KL
         self.max_steps = 0
         self.trainer: Any = None
         self.bounds: NightBounds | None = None
+        self.detail: str | None = None  # why nothing is trained tonight (too little data)
+        self.data: dict[str, int] = {}
 
+    @abstractmethod
     def setup(
         self,
         prompts: Sequence[TrainPrompt],
@@ -387,16 +380,27 @@ class GrpoRecipe:
         reward_weights: Sequence[float] | None,
         progress: Progress | None,
     ) -> None:
-        settings = self.settings
-        if not reward_funcs:
-            raise ValueError("at least one reward function is needed")
-        if reward_weights is not None and len(reward_weights) != len(reward_funcs):
-            raise ValueError(f"{len(reward_weights)} reward weights for {len(reward_funcs)} reward functions")
-        self.prompts = list(prompts)[: settings.max_prompts]
-        layout = batch_layout(settings.prompts_per_step, settings.num_generations, self.state.num_processes)
-        self.max_steps = planned_steps(
-            len(self.prompts), settings.prompts_per_step, settings.max_steps, settings.epochs
-        )
+        """Build the method's trainer for tonight's prompts (or decide there is nothing to train)."""
+
+    def run(
+        self,
+        prompts: Sequence[TrainPrompt],
+        reward_funcs: Sequence[RewardFunction],
+        reward_weights: Sequence[float] | None = None,
+        progress: Progress | None = None,
+    ) -> TrainResult:
+        """setup, train and save; cleanup whatever happens."""
+        try:
+            self.setup(prompts, reward_funcs, reward_weights, progress)
+            self.train()
+            return self.save()
+        finally:
+            self.cleanup()
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def start(self) -> None:
+        """A clean output directory: no stale candidate from an earlier try, an empty metrics file."""
         candidate = self.out_dir / ADAPTER_DIR
         if self.champion is not None and self.champion.resolve() == candidate.resolve():
             raise ValueError(
@@ -404,62 +408,44 @@ class GrpoRecipe:
             )
         if self.state.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(candidate, ignore_errors=True)  # a stale candidate from an earlier try
+            shutil.rmtree(candidate, ignore_errors=True)
             self.metrics_path.write_text("", encoding="utf-8")
         self.state.wait_for_everyone()
-        if self.max_steps == 0:
-            logger.warning(
-                "%d prompts are fewer than prompts_per_step=%d: nothing to train on tonight",
-                len(self.prompts),
-                settings.prompts_per_step,
-            )
-            return
 
-        from trl.trainer.grpo_trainer import GRPOTrainer
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return AutoTokenizer.from_pretrained(self.base_model, padding_side="left")
 
-        tokenizer = AutoTokenizer.from_pretrained(self.base_model, padding_side="left")
-        self._log_estimate(tokenizer)
+    def load_policy(self) -> Any:
+        """The base with the champion loaded trainable, or the bare base (the trainer adds a fresh LoRA)."""
         base = load_base(self.base_model)
-        # Continual: the champion is loaded trainable and handed to TRL as a PeftModel. For exactly that
-        # case GRPOTrainer.__init__ (TRL 1.16) adds a second adapter "ref", a copy of "default" made
-        # before any update and frozen (PEFT marks only the active adapter trainable), and computes the
-        # reference log-probs under `use_adapter(model, "ref")`. That is the hook this stage needs, so it
-        # is used as is instead of overridden: the reference is the champion, at the cost of one more
-        # LoRA copy and no second base model. `_check_champion_reference` fails the night if a TRL
-        # version falls back to the base. Without a champion a fresh LoRA (B = 0) starts equal to the
-        # base, and TRL's default reference (adapters disabled) is the base: what is serving.
-        model = base if self.champion is None else load_champion(base, self.champion, settings.lora)
+        return base if self.champion is None else load_champion(base, self.champion, self.settings.lora)
+
+    def night_bounds_callback(
+        self, progress: Progress | None, kl_probe: KlProbe | None = None
+    ) -> NightBounds:
         self.bounds = NightBounds(
-            kl_budget=settings.kl_budget,
-            max_wall_seconds=settings.max_wall_seconds,
+            kl_budget=self.settings.kl_budget,
+            max_wall_seconds=self.settings.max_wall_seconds,
             started=self.started,
             metrics_path=self.metrics_path,
             state=self.state,
             progress=progress,
+            kl_probe=kl_probe,
         )
-        self.trainer = GRPOTrainer(
-            model=model,
-            reward_funcs=list[Any](reward_funcs),
-            args=grpo_args(
-                settings,
-                output_dir=self.out_dir / ".trainer",
-                per_device_completions=layout.per_device_completions,
-                max_steps=self.max_steps,
-                reward_weights=reward_weights,
-            ),
-            # `epochs` passes: the prompts repeated (the trainer's sampler shuffles them).
-            train_dataset=prompt_dataset(self.prompts * settings.epochs),
-            processing_class=tokenizer,
-            peft_config=lora_config(settings.lora) if self.champion is None else None,
-            callbacks=[self.bounds],
-        )
+        return self.bounds
+
+    def attach(self, trainer: Any) -> None:
+        """Take the built trainer: silence its stdout logging and check it started from the champion."""
+        self.trainer = trainer
         # Transformers prints every log line to stdout when tqdm is off; metrics.jsonl and `progress` replace it.
-        self.trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(PrinterCallback)
         if self.champion is not None:
             _check_loaded_champion(self.policy(), self.champion)
-            _check_champion_reference(self.policy())
+            check_champion_reference(self.policy())
 
-    def _log_estimate(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def log_estimate(
+        self, tokenizer: PreTrainedTokenizerBase, *, sequences_per_prompt: int | None = None
+    ) -> None:
         lengths = [
             len(
                 tokenizer.apply_chat_template(
@@ -474,12 +460,15 @@ class GrpoRecipe:
             prompt_tokens=max(lengths, default=PROMPT_TOKENS_GUESS),
             num_processes=self.state.num_processes,
             with_champion=self.champion is not None,
+            sequences_per_prompt=sequences_per_prompt,
         )
         backend = getattr(self.state, "backend", None) or "none"
         logger.info(
             "%d process(es), %s (backend %s)", self.state.num_processes, self.state.distributed_type, backend
         )
-        logger.info("estimate: %s", guess.summary())
+        logger.info("estimate (%s): %s", self.method, guess.summary())
+
+    # ------------------------------------------------------------------ the rest of the night
 
     def policy(self) -> Any:
         """The PeftModel being trained, unwrapped from DDP."""
@@ -489,17 +478,21 @@ class GrpoRecipe:
         if self.trainer is not None:
             self.trainer.train()
 
+    def nothing_trained_reason(self) -> str:
+        """The stop reason of a night that built no trainer."""
+        return "too_little_data" if self.detail else "no_signal"
+
     def save(self) -> TrainResult:
         history = self.bounds.history if self.bounds else []
         steps = self.trainer.state.global_step if self.trainer else 0
         stop_reason = final_stop_reason(
             history,
-            early_reason=self.bounds.stop_reason if self.bounds else "no_signal",
+            early_reason=self.bounds.stop_reason if self.bounds else self.nothing_trained_reason(),
             steps=steps,
             max_steps=self.settings.max_steps,
         )
         adapter_dir, digests, kl_base = None, {}, None
-        if stop_reason != "no_signal" and steps > 0:
+        if stop_reason not in ("no_signal", "too_little_data") and steps > 0:
             kl_base = kl_to_base(
                 self.policy(),
                 self.trainer.processing_class,
@@ -524,16 +517,21 @@ class GrpoRecipe:
             wall_seconds=time.perf_counter() - self.started,
             trainable_parameters=self._trainable_parameters(),
             bounds=night_bounds(self.settings, self.max_steps),
+            method=self.method,
+            detail=self.detail,
+            data=dict(self.data),
         )
         if self.state.is_main_process:
             text = json.dumps(result.as_json(), indent=2, sort_keys=True) + "\n"
             (self.out_dir / RESULT_FILE).write_text(text, encoding="utf-8")
         logger.info(
-            "train: %s after %d steps, kl %s, kl to base %s",
+            "train (%s): %s after %d steps, kl %s, kl to base %s%s",
+            self.method,
             stop_reason,
             steps,
             result.kl_to_champion,
             kl_base,
+            f" ({self.detail})" if self.detail else "",
         )
         return result
 
@@ -550,32 +548,19 @@ class GrpoRecipe:
         gc.collect()
 
 
-def run(
-    settings: TrainConfig,
-    prompts: Sequence[TrainPrompt],
-    reward_funcs: Sequence[RewardFunction],
-    *,
-    base_model: str,
-    out_dir: Path,
-    champion: Path | None = None,
-    reward_weights: Sequence[float] | None = None,
-    progress: Progress | None = None,
-) -> TrainResult:
-    """Train tonight's candidate adapter with GRPO from `champion` (or a fresh LoRA) within the bounds.
+def check_champion_reference(model: Any) -> None:
+    """Fail loudly unless the champion is set up as a frozen "ref" adapter next to the trained one.
 
-    Writes into `out_dir`: `adapter/` (unless no_signal), `metrics.jsonl` and `train_result.json`.
-    `progress(step, figures)` is called after each step. Under `accelerate launch` every process
-    calls this and gets the same result; only the main process writes and reports progress.
+    GRPO, DPO and KTO (TRL 1.16) add it themselves when handed a PeftModel; `pipeline.train.feedback`
+    adds it for SFT. Without it the reference would silently be the base.
     """
-    recipe = GrpoRecipe(
-        settings, base_model=base_model, out_dir=out_dir, champion=champion, started=time.perf_counter()
-    )
-    try:
-        recipe.setup(prompts, reward_funcs, reward_weights, progress)
-        recipe.train()
-        return recipe.save()
-    finally:
-        recipe.cleanup()
+    if "ref" not in model.peft_config:
+        raise RuntimeError(
+            "the trainer did not create the frozen 'ref' adapter; the KL reference would be the base"
+        )
+    for name, parameter in model.named_parameters():
+        if ".ref." in name and parameter.requires_grad:
+            raise RuntimeError(f"reference adapter weight {name} is trainable")
 
 
 # --------------------------------------------------------------------------- adapter files
@@ -598,43 +583,3 @@ def save_adapter(model: Any, adapter_dir: Path, base_model: str) -> None:
         path.chmod(0o644)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     staging.rename(adapter_dir)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.train JOB.yaml` (see `TrainJob`); prints the result JSON from the main process.
-
-    Every process of an `accelerate launch` runs this; exit 2 with one line on stderr for a bad job.
-    """
-    parser = argparse.ArgumentParser(description="Run one bounded GRPO update (a night's training).")
-    parser.add_argument(
-        "job", type=Path, help="YAML or JSON job file: base_model, out_dir, train, prompts, graders"
-    )
-    args = parser.parse_args(argv)
-    state = process_state()
-    logging.basicConfig(
-        level=logging.INFO if state.is_main_process else logging.WARNING,
-        format=f"%(levelname)s [rank {state.process_index}] %(name)s: %(message)s",
-    )
-    from evals.graders import as_reward_function, weighted_grader
-
-    try:
-        job = load_job(args.job)
-        graders = [weighted_grader(spec)[1] for spec in job.graders]
-    except UserError as error:
-        sys.stderr.write(f"{error}\n")
-        return 2
-    result = run(
-        job.train,
-        [TrainPrompt(p.messages, p.reference, p.metadata) for p in job.prompts],
-        [as_reward_function(grader) for grader in graders],
-        base_model=job.base_model,
-        out_dir=job.out_dir,
-        champion=job.champion,
-        reward_weights=job.reward_weights(),
-    )
-    if state.is_main_process:
-        sys.stdout.write(json.dumps(result.as_json(), sort_keys=True) + "\n")
-    return 0

@@ -24,7 +24,7 @@ from evals.graders import as_reward_function
 from pipeline.demo_world import planted, skills
 from pipeline.gate.evaluation import Evaluation, evaluate_candidate
 from pipeline.gate.generation import Decoding, InProcessGenerator
-from pipeline.train.recipe import run
+from pipeline.train.grpo import run
 
 # The first test to ask for the base may pay its build (`.ci/run` builds it before pytest starts);
 # the three nights then take about a minute each.

@@ -27,7 +27,8 @@ from evals.graders import CallableGrader, RegexGrader, as_reward_function
 from pipeline.config import TrainConfig
 from pipeline.results import TrainPrompt
 from pipeline.train.bounds import NO_SIGNAL_STEPS
-from pipeline.train.recipe import GrpoRecipe, TrainResult, file_digests, load_base, load_champion, run
+from pipeline.train.grpo import GrpoRecipe, run
+from pipeline.train.recipe import TrainResult, file_digests, load_base, load_champion
 
 pytestmark = pytest.mark.slow
 

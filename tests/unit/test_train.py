@@ -28,6 +28,7 @@ from pipeline.train.bounds import (
     rolling_mean,
     step_metrics,
 )
+from pipeline.train.grpo import prompt_dataset, run
 from pipeline.train.job import (
     load_job,
 )
@@ -36,7 +37,7 @@ from pipeline.train.kl import (
     kl_to_base,
     masked_token_kl,
 )
-from pipeline.train.recipe import TrainResult, lora_config, night_bounds, prompt_dataset, run
+from pipeline.train.recipe import TrainResult, lora_config, night_bounds
 from storage.errors import UserError
 
 
