@@ -165,11 +165,27 @@ class GateConfig(Section):
     max_length_ratio: float = Field(default=1.5, gt=1)  # mean reply length vs the champion's
 
 
+class RewardModelConfig(Section):
+    """The reward model a track learns from its users' scores (`reward.reward_model` > 0 uses it)."""
+
+    min_agreement: float = Field(default=0.7, ge=0, le=1)  # held-out thumbs it must call right to be used
+    min_examples: int = Field(default=32, ge=2)  # rated replies to train on, at least
+    min_heldout: int = Field(default=8, ge=1)  # rated replies to measure its agreement on, at least
+    heldout_fraction: float = Field(default=0.25, gt=0, lt=1)  # share of rated prompts kept to measure it
+    max_steps: int = Field(default=200, ge=1)
+    epochs: float = Field(default=3.0, gt=0)  # passes over the rated replies (capped by max_steps)
+    batch_size: int = Field(default=16, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    max_length: int = Field(default=512, ge=8)  # tokens of prompt and reply, truncated
+
+
 class RewardConfig(Section):
-    """How a night's reward is blended: the LLM judge, user feedback and programmatic graders."""
+    """How a night's reward is blended: the LLM judge, user feedback, a reward model and graders."""
 
     judge: float = Field(default=1.0, ge=0)  # weight of the LLM judge's score
     feedback: float = Field(default=0.0, ge=0)  # weight of user feedback (thumb, rating) where present
+    # weight of the track's reward model, fitted each night to its users' scores (`reward_model`)
+    reward_model: float = Field(default=0.0, ge=0)
     graders: list[dict[str, Any]] = Field(default_factory=list)  # grader specs, each with a `weight`
 
     @field_validator("graders")
@@ -302,6 +318,7 @@ class OvernightConfig(Section):
     tracks: list[TrackConfig] = Field(default_factory=list)
     judge: JudgeConfig = JudgeConfig()
     train: TrainConfig = TrainConfig()
+    reward_model: RewardModelConfig = RewardModelConfig()
     gate: GateConfig = GateConfig()
     mlflow: MlflowConfig = MlflowConfig()
     serving: ServingConfig = ServingConfig()

@@ -39,7 +39,7 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 
 from pipeline.adapters import AdapterVersion, file_digests, file_sha256
-from pipeline.config import OvernightConfig, TrackConfig
+from pipeline.config import OvernightConfig, TrackConfig, TrainConfig
 from pipeline.gate import stage as gate_stage
 from pipeline.gate.memory import update_memory_suite
 from pipeline.harvest import stage as harvest_stage
@@ -85,6 +85,7 @@ RESULT_TYPES: dict[str, type[StageResult]] = {
     "commit": Committed,
 }
 CRASH_ENV = "OVERNIGHT_CRASH_AT"
+REWARD_MODEL_FACTS = "facts.json"  # tonight's reward model facts, next to it in the run directory
 
 R = TypeVar("R", bound=StageResult)
 
@@ -310,7 +311,8 @@ def select(night: Night, judged: Judged) -> Selected:
         max_prompts=train.max_prompts,
         heldout_fraction=train.heldout_fraction,
         seed=train.seed,
-        feedback_first=train.method != "grpo",
+        # The feedback methods and the reward model learn from rated rows: those go first.
+        feedback_first=train.method != "grpo" or night.spec.reward.reward_model > 0,
     )
     paths = {}
     for name, prompts in (("train", chosen.train), ("heldout", chosen.heldout)):
@@ -335,13 +337,30 @@ def train(night: Night, selected: Selected) -> Trained:
     champion_version = champion.version if champion else None
     finished = _finished_training(night.run_dir / "train")
     if finished is not None:  # the process died after training finished: keep the adapter
-        return finished.model_copy(update={"champion_version": champion_version, "reused": True})
+        facts = night.run_dir / "reward-model" / REWARD_MODEL_FACTS
+        fitted = json.loads(facts.read_text(encoding="utf-8")) if facts.exists() else None
+        update = {"champion_version": champion_version, "reused": True, "reward_model": fitted}
+        return finished.model_copy(update=update)
     spec = night.spec
+    settings = night.config.train_for(night.track)
     functions, weights = reward_functions(
         spec.reward, night.judge if spec.reward.judge > 0 else None, load_rubric(spec.rubric)
     )
+    fitted: dict[str, Any] | None = None
+    if spec.reward.reward_model > 0:
+        fitted, scorer = _reward_model(night, settings, prompts)
+        if scorer is not None:
+            functions.append(scorer)
+            weights.append(spec.reward.reward_model)
+    if settings.method == "grpo" and not functions:
+        reason = (
+            f"no reward to train on: the reward model is not used ({fitted['reason']})"
+            if fitted
+            else ("no reward to train on")
+        )
+        return Trained(steps=0, stop_reason="no_reward", detail=reason, reward_model=fitted)
     result = train_stage.train(
-        night.config.train_for(night.track),
+        settings,
         prompts,
         functions,
         reward_weights=weights,
@@ -349,7 +368,61 @@ def train(night: Night, selected: Selected) -> Trained:
         out_dir=night.run_dir / "train",
         champion=champion.path if champion else None,
     )
-    return Trained.model_validate({**result.as_json(), "champion_version": champion_version})
+    return Trained.model_validate(
+        {**result.as_json(), "champion_version": champion_version, "reward_model": fitted}
+    )
+
+
+def _reward_model(
+    night: Night, settings: TrainConfig, prompts: list[TrainPrompt]
+) -> tuple[dict[str, Any], Any]:
+    """Fit tonight's reward model to the users' scores, register it as `<track>-reward-model` (its
+    own registered model in MLflow, `champion` alias on the latest one agreeing with users), and
+    return (its facts, a reward function when it may be used, else None)."""
+    from pipeline.train.examples import logged_replies
+    from pipeline.train.reward_model import RewardModelScorer, fit_reward_model
+
+    base_model = night.config.base_model_for(night.track)
+    result = fit_reward_model(
+        night.config.reward_model,
+        settings,
+        logged_replies(prompts),
+        base_model=base_model,
+        out_dir=night.run_dir / "reward-model",
+    )
+    facts = result.as_json()
+    if result.adapter_dir is not None:
+        name = reward_model_name(night.track)
+        registry = night.services.registry
+        key = str(night.run_id)
+        version = next(
+            (info.version for info in registry.versions(name) if info.tags.get("overnight_run") == key), None
+        )
+        if version is None:
+            tags = {
+                "overnight_run": key,
+                "night": night.night,
+                "base_model": base_model,
+                "agreement": "" if result.agreement is None else f"{result.agreement:.4f}",
+                "spearman": "" if result.spearman is None else f"{result.spearman:.4f}",
+                "usable": str(result.usable).lower(),
+                "heldout_examples": str(result.heldout_examples),
+            }
+            version = registry.register(name, result.adapter_dir, run_id=night.log.run_id, tags=tags)
+            if result.usable:
+                registry.promote(name, version)
+        facts["version"] = version
+        (night.run_dir / "reward-model" / REWARD_MODEL_FACTS).write_text(json.dumps(facts), encoding="utf-8")
+    logger.info("%s %s: reward model %s", night.track, night.night, result.reason)
+    scorer = (
+        RewardModelScorer(base_model, result.adapter_dir) if result.usable and result.adapter_dir else None
+    )
+    return facts, scorer
+
+
+def reward_model_name(track: str) -> str:
+    """The registered model (after the registry's prefix) that holds a track's reward models."""
+    return f"{track}-reward-model"
 
 
 def _finished_training(out_dir: Path) -> Trained | None:
@@ -376,7 +449,23 @@ def gate(night: Night, trained: Trained, selected: Selected) -> GateDecision:
         judge=night.judge if night.spec.reward.judge > 0 else None,
         generator=night.services.generator,
         report_dir=night.run_dir / "gate",
+        reward_model=_usable_reward_model(night, trained),
     )
+
+
+def _usable_reward_model(night: Night, trained: Trained) -> Any:
+    """Tonight's reward model as a scorer for the gate, when the track weighs it and it agreed with users."""
+    facts = trained.reward_model
+    if (
+        night.spec.reward.reward_model <= 0
+        or not facts
+        or not facts.get("usable")
+        or not facts.get("adapter_dir")
+    ):
+        return None
+    from pipeline.train.reward_model import RewardModelScorer
+
+    return RewardModelScorer(night.config.base_model_for(night.track), Path(facts["adapter_dir"]))
 
 
 def register(
@@ -518,6 +607,7 @@ def summarize(night: Night, outcome: NightOutcome) -> dict[str, Any]:
             "stop_reason": trained.stop_reason,
             "kl": trained.kl,
             **({"data": dict(trained.data)} if trained.data else {}),
+            **({"reward_model": _reward_model_summary(trained.reward_model)} if trained.reward_model else {}),
         },
         "deployed": outcome.deployed.deployed,
         "rows": outcome.harvested.rows,
@@ -526,6 +616,10 @@ def summarize(night: Night, outcome: NightOutcome) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _reward_model_summary(facts: dict[str, Any]) -> dict[str, Any]:
+    return {key: facts.get(key) for key in ("version", "agreement", "usable", "reason")}
 
 
 def champion_adapter(night: Night) -> AdapterVersion | None:

@@ -130,9 +130,7 @@ class Trained(StageResult):
     """The bounded update's outcome; `adapter_dir` is None when nothing was trained."""
 
     steps: int
-    stop_reason: (
-        str  # max_steps | wall_clock | kl_budget | no_signal | completed | no_prompts | too_little_data
-    )
+    stop_reason: str  # max_steps | wall_clock | kl_budget | no_signal | completed | no_prompts | too_little_data | no_reward
     adapter_dir: Path | None = None
     kl: float | None = None  # last rolling KL to the reference (the champion, or the base)
     kl_to_champion: float | None = None
@@ -146,6 +144,8 @@ class Trained(StageResult):
     method: str = "grpo"
     detail: str | None = None  # why nothing was trained (too little data for the method), in words
     data: dict[str, int] = Field(default_factory=dict)  # examples trained on, by kind
+    # tonight's reward model (`pipeline.train.reward_model.RewardModelResult` and its registered version)
+    reward_model: dict[str, Any] | None = None
     champion_version: int | None = None  # the version training continued from
     reused: bool = False  # the result of a run that died after training
 

@@ -14,6 +14,12 @@ __all__ = ["app", "data", "keys", "main", "night", "release"]
 
 
 def main() -> None:
-    """The `overnight` console script: every command registered, SIGTERM unwinding like Ctrl-C."""
+    """The `overnight` console script: every command registered, SIGTERM unwinding like Ctrl-C.
+
+    SIGINT is made Ctrl-C again even when it arrives ignored: a shell without job control (a script,
+    `nohup ... &`, a CI runner) starts background commands with SIGINT ignored, and `kill -INT` would
+    then leave `overnight serve` and its vLLM server running (seen in a CI run started that way).
+    """
     signal.signal(signal.SIGTERM, exit_on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     app()

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
@@ -74,14 +75,20 @@ def decoding_from(gate: GateConfig) -> Decoding:
     return Decoding(max_new_tokens=gate.max_new_tokens, temperature=gate.temperature, seed=gate.seed)
 
 
-def reward_scorer(reward: RewardConfig, judge: Judge | None, rubric: Rubric) -> Scorer:
-    """The track's reward on fresh replies: its judge (pointwise, on the case's rubric or the track's)
-    and graders, blended with the track's weights; user feedback has no part in a fresh reply."""
+def reward_scorer(
+    reward: RewardConfig, judge: Judge | None, rubric: Rubric, reward_model: Callable[..., Any] | None = None
+) -> Scorer:
+    """The track's reward on fresh replies: its judge (pointwise, on the case's rubric or the track's),
+    its reward model (tonight's, when it agrees with users) and graders, blended with the track's
+    weights; user feedback has no part in a fresh reply."""
     graders = [weighted_grader(spec) for spec in reward.graders]
     weights = {"judge": reward.judge if judge is not None else 0.0}
+    weights["reward_model"] = reward.reward_model if reward_model is not None else 0.0
     weights |= {f"grader{index}": weight for index, (weight, _) in enumerate(graders)}
     if not any(weights.values()):
-        raise ValueError("the track's reward has no judge and no graders to score replies with")
+        raise ValueError(
+            "the track's reward has no judge, no usable reward model and no graders to score replies with"
+        )
 
     def score(
         conversations: Sequence[Chat],
@@ -94,12 +101,20 @@ def reward_scorer(reward: RewardConfig, judge: Judge | None, rubric: Rubric) -> 
             if weights["judge"]
             else None
         )
+        modelled = (
+            reward_model(prompts=list(conversations), completions=list(replies))
+            if reward_model is not None
+            else None
+        )
         scores: list[float | None] = []
         for index, (conversation, reply, reference) in enumerate(
             zip(conversations, replies, references, strict=True)
         ):
             sample = Sample(messages=list(conversation), response=reply, reference=reference)
-            components: dict[str, float | None] = {"judge": judged[index] if judged else None}
+            components: dict[str, float | None] = {
+                "judge": judged[index] if judged else None,
+                "reward_model": modelled[index] if modelled else None,
+            }
             components |= {f"grader{i}": safe_score(grader, sample) for i, (_, grader) in enumerate(graders)}
             scores.append(combine_scores(components, weights))
         return scores
@@ -157,6 +172,7 @@ def gate_track(
     judge: Judge | None,
     generator: ReplyGenerator | None,
     report_dir: Path,
+    reward_model: Callable[..., Any] | None = None,
 ) -> GateDecision:
     """The gate stage for one track: evaluate `candidate` against `champion` (None: the base) on the
     track's suites and `heldout` prompts, decide, and write the report. The night and `overnight
@@ -182,7 +198,7 @@ def gate_track(
         else [suite.name for suite in suites if suite.name != f"memory-{track}"],
         thresholds=thresholds_from(gate),
         generator=generator or InProcessGenerator(base_model),
-        scorer=reward_scorer(spec.reward, judge, load_rubric(spec.rubric)),
+        scorer=reward_scorer(spec.reward, judge, load_rubric(spec.rubric), reward_model),
         heldout=heldout,
         decoding=decoding_from(gate),
     )

@@ -341,6 +341,17 @@ class NightRun:
         self.log_file(metrics_path, "train")
         return len(steps)
 
+    def log_reward_model(self, facts: Mapping[str, Any]) -> None:
+        """Tonight's reward model: its agreement with users as `reward_model/*` metrics (usable as 1 or
+        0), the reason it is (not) used as a tag, the whole as `reward_model.json`."""
+        numbers = {
+            key: facts.get(key)
+            for key in ("agreement", "spearman", "train_examples", "heldout_examples", "steps", "version")
+        }
+        self.log_metrics({"reward_model": numbers | {"usable": 1.0 if facts.get("usable") else 0.0}})
+        self.set_tags({"reward_model": str(facts.get("reason", ""))})
+        self.log_json("reward_model.json", dict(facts))
+
     def log_judge(self, stats: Mapping[str, Any], calibration: Mapping[str, Any] | None = None) -> None:
         """Judge statistics as `judge/*` metrics and calibration as `calibration/*`, both also as `judge.json`."""
         self.log_metrics({"judge": dict(stats), "calibration": dict(calibration or {})})

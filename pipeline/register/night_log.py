@@ -80,6 +80,9 @@ class MlflowNightLog:
                 run.log_training(result.metrics_path)
             if result.adapter_dir is not None:  # kept with the run whether or not it is promoted
                 run.log_adapter(result.adapter_dir)
+            run.log_metrics({f"train/data/{kind}": count for kind, count in result.data.items()})
+            if result.reward_model is not None:
+                run.log_reward_model(result.reward_model)
         elif isinstance(result, GateDecision) and not result.skipped:
             run.log_gate(result.report(), result.cases())
         elif isinstance(result, Committed):  # the night is over: a logging failure must not undo that

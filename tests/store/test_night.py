@@ -342,3 +342,113 @@ def _seconds(value: float) -> Any:
     from datetime import timedelta
 
     return timedelta(seconds=value)
+
+
+def feedback_world(
+    tmp_path: Path, model: Path, sqlite_engine: tuple[Engine, str], *, train: dict[str, Any], reward: dict[str, Any],
+    thumbs: list[int], reward_model: dict[str, Any] | None = None,
+) -> World:  # fmt: skip
+    """A world whose rows carry the given thumbs (cycled) and whose track trains by `train` on `reward`."""
+    engine, url = sqlite_engine
+    world = World(tmp_path, model, engine, url, rows=0, min_gain=-1.0, confirm_with=[])
+    data = world.config.model_dump()
+    data["tracks"][0] |= {"train": train, "reward": reward}
+    data["reward_model"] |= reward_model or {}
+    world.config = OvernightConfig.model_validate(data)
+    records = [
+        make_record(n, feedback={"thumb": thumbs[n % len(thumbs)]}, response=f"Answer {n}: {'x' * (n % 5)}")
+        for n in range(40)
+    ]
+    storage.log_interactions(engine, records)
+    return world
+
+
+def test_a_kto_night_with_one_class_of_thumbs_is_skipped_with_the_reason(
+    tmp_path: Path, tiny_model_dir: Path, sqlite_engine: tuple[Engine, str]
+) -> None:
+    world = feedback_world(
+        tmp_path, tiny_model_dir, sqlite_engine,
+        train={"method": "kto", "on_policy": False}, reward={"judge": 1.0}, thumbs=[1],
+    )  # fmt: skip
+
+    committed = run_through(world.open())
+
+    assert committed.status == "skipped"
+    trained = world.logs.logged(Trained)[0]
+    assert (
+        isinstance(trained, Trained) and trained.stop_reason == "too_little_data" and trained.method == "kto"
+    )
+    summary = ledger.last_runs(world.engine)[TRACK].summary
+    assert summary["reason"].startswith("skipped: kto needs both desirable and undesirable replies: ")
+    assert summary["train"]["method"] == "kto" and summary["train"]["data"]["undesirable"] == 0
+    assert world.registry.versions(TRACK) == []
+
+
+@pytest.mark.parametrize("method", ["kto", "dpo", "sft"])
+def test_a_feedback_night_trains_from_the_users_thumbs_and_goes_through_the_gate(
+    method: str, tmp_path: Path, tiny_model_dir: Path, sqlite_engine: tuple[Engine, str]
+) -> None:
+    world = feedback_world(
+        tmp_path, tiny_model_dir, sqlite_engine,
+        train={"method": method, "min_examples": 2}, reward={"judge": 1.0}, thumbs=[1, -1],
+    )  # fmt: skip
+
+    committed = run_through(world.open())
+
+    trained = world.logs.logged(Trained)[0]
+    assert isinstance(trained, Trained) and trained.method == method, trained
+    assert trained.adapter_dir is not None and trained.steps > 0 and trained.kl is not None
+    decision = world.logs.logged(GateDecision)[0]
+    assert isinstance(decision, GateDecision) and not decision.skipped  # the same guard as GRPO's
+    assert "heldout_gain" in {gate.name for gate in decision.gates}
+    assert committed.status in ("promoted", "rejected")
+
+
+def test_a_reward_model_fitted_to_the_thumbs_is_registered_and_used_when_it_agrees(
+    tmp_path: Path, tiny_model_dir: Path, sqlite_engine: tuple[Engine, str]
+) -> None:
+    world = feedback_world(
+        tmp_path, tiny_model_dir, sqlite_engine,
+        train={"method": "grpo"}, reward={"judge": 0.0, "reward_model": 1.0}, thumbs=[1, -1],
+        reward_model={"min_examples": 4, "min_heldout": 2, "max_steps": 3, "min_agreement": 0.0,
+                      "heldout_fraction": 0.5},
+    )  # fmt: skip
+
+    committed = run_through(world.open())
+
+    trained = world.logs.logged(Trained)[0]
+    assert isinstance(trained, Trained) and trained.reward_model is not None
+    facts = trained.reward_model
+    assert facts["usable"] and facts["version"] == 1 and 0.0 <= facts["agreement"] <= 1.0, facts
+    name = stages.reward_model_name(TRACK)
+    assert world.registry.version_for(name, "champion") == 1
+    assert world.registry.versions(name)[0].tags["usable"] == "true"
+    assert trained.adapter_dir is not None  # GRPO trained on the reward model's scores alone
+    assert committed.status in ("promoted", "rejected")
+    assert ledger.last_runs(world.engine)[TRACK].summary["train"]["reward_model"]["usable"] is True
+
+
+def test_a_reward_model_that_disagrees_with_users_is_not_used_and_the_night_says_so(
+    tmp_path: Path, tiny_model_dir: Path, sqlite_engine: tuple[Engine, str]
+) -> None:
+    world = feedback_world(
+        tmp_path, tiny_model_dir, sqlite_engine,
+        train={"method": "grpo"}, reward={"judge": 0.0, "reward_model": 1.0}, thumbs=[1, -1],
+        reward_model={"min_examples": 4, "min_heldout": 2, "max_steps": 1, "min_agreement": 1.0,
+                      "heldout_fraction": 0.5, "learning_rate": 1e-9},
+    )  # fmt: skip
+
+    committed = run_through(world.open())
+
+    assert committed.status == "skipped"
+    trained = world.logs.logged(Trained)[0]
+    assert isinstance(trained, Trained) and trained.stop_reason == "no_reward"
+    assert trained.reward_model is not None and not trained.reward_model["usable"]
+    reason = ledger.last_runs(world.engine)[TRACK].summary["reason"]
+    assert reason.startswith(
+        "skipped: no reward to train on: the reward model is not used (agrees with users on "
+    )
+    assert "below reward_model.min_agreement=100%" in reason
+    name = stages.reward_model_name(TRACK)
+    assert world.registry.versions(name)[0].tags["usable"] == "false"  # versioned all the same
+    assert world.registry.version_for(name, "champion") is None

@@ -184,3 +184,23 @@ def test_feedback_first_selection_takes_rated_rows_before_the_rest() -> None:
     rated = select(rows, max_prompts=3, heldout_fraction=0.01, seed=0, feedback_first=True)
     assert all(prompt.score_source == "reward" for prompt in plain.train)  # weakest first
     assert sorted(prompt.response or "" for prompt in rated.train) == ["reply 10", "reply 11", "reply 12"]
+
+
+def test_the_reward_models_held_out_split_keeps_every_reply_to_a_prompt_on_one_side() -> None:
+    from pipeline.train.reward_model import split
+
+    replies = [reply(f"question {i % 40}", f"reply {i}", float(i % 2)) for i in range(200)]
+    train, heldout = split(replies, 0.25, seed=0)
+    assert train and heldout and len(train) + len(heldout) == 200
+    assert not {r.messages[0]["content"] for r in train} & {r.messages[0]["content"] for r in heldout}
+    assert split(replies, 0.25, seed=0) == (train, heldout)  # stable
+
+
+def test_reward_model_agreement_counts_clear_thumbs_only() -> None:
+    from pipeline.train.reward_model import agreement_with_users
+
+    replies = [reply("a", "x", 1.0), reply("b", "y", 0.0), reply("c", "z", 0.5), reply("d", "w", 1.0)]
+    agreement, rank = agreement_with_users([0.9, 0.2, 0.99, 0.1], replies, SETTINGS)
+    assert agreement == pytest.approx(2 / 3)  # "c" (0.5) is no thumb either way; "d" is called wrong
+    assert rank is not None and -1.0 <= rank <= 1.0
+    assert agreement_with_users([0.5], [reply("a", "x", 0.5)], SETTINGS)[0] is None
