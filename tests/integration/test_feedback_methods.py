@@ -1,5 +1,6 @@
 """KTO, DPO and SFT for real, on the competent demo base: each learns from users' thumbs, each is
-bounded and guarded like GRPO, and a night with one class of feedback only is skipped with the reason.
+bounded and guarded like GRPO (its KL budget stops it; the forgetting guard refuses it when it learns
+the labellers' mistake), and a night with one class of feedback only is skipped with the reason.
 
 The feedback: the base answered tonight's arithmetic questions (sampled at temperature 1, so it
 forgot some carries) and simulated users gave a thumb up to the right sums and a thumb down to the
@@ -15,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from evals.arithmetic import ArithmeticGrader
+from evals.gate import GateThresholds
 from evals.graders import Sample, as_reward_function
-from pipeline.demo_world import planted
+from pipeline.demo_world import planted, skills
+from pipeline.gate.evaluation import evaluate_candidate
 from pipeline.gate.generation import Decoding, InProcessGenerator
 from pipeline.results import TrainPrompt
 from pipeline.train.recipe import TrainResult
@@ -123,3 +126,44 @@ def test_one_class_of_thumbs_is_a_skipped_night_with_the_reason(
         f"kto needs both desirable and undesirable replies: {len(ups)} desirable, 0 undesirable"
     )
     assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_on_the_labellers_mistake_is_refused_by_the_guard(
+    method: str, generator: InProcessGenerator, base_model_dir: Path, tmp_path: Path
+) -> None:
+    """Each method ranking the base's samples by a reward model that learned its labellers' mistake
+    (it pays for the sum with the carry forgotten, `planted.REWARDS["popular"]`) is refused by the same
+    forgetting guard as GRPO on that reward (`test_reward_hacking`).
+
+    Seen: SFT learns the mistaken preference (its held-out reward rises, +0.055) and the guard names
+    it a hack: the rise is not confirmed by the arithmetic suite (-0.125); KTO and DPO drift further
+    from both (arithmetic -0.23 and -0.21) and the suite refuses them."""
+    popular = planted.REWARDS["popular"]
+    result = train(
+        SETTINGS.model_copy(update={"method": method}),
+        TRAIN,
+        [as_reward_function(popular)],
+        base_model=str(base_model_dir),
+        out_dir=tmp_path,
+    )
+    assert result.adapter_dir is not None, result.detail
+    evaluation = evaluate_candidate(
+        str(base_model_dir),
+        result.adapter_dir,
+        None,
+        skills.demo_suites(),
+        thresholds=GateThresholds(tolerance=0.05),  # the demo's margin
+        generator=generator,
+        scorer=planted.grader_scorer(popular),
+        heldout=HELDOUT,
+        decoding=Decoding(max_new_tokens=32),
+        score_base=False,
+        confirm_with=["demo-arithmetic"],
+    )
+    report = evaluation.report
+    print(f"\n{method} on the labellers' mistake: {report.reason()}")
+    failed = set(report.failed_gates())
+    assert not report.passed and "suite/demo-arithmetic" in failed, failed
+    if {gate.name: gate for gate in report.gates}["heldout_gain"].passed:  # it learned the mistake
+        assert "reward_hacking" in failed
