@@ -6,7 +6,9 @@ store; each run starts from a clean store and reuses only the cached base model.
 competent demo base model (`pipeline.demo_world.base_model`, about 10 minutes the first time),
 writes the suites that test its skills, starts a local vLLM CPU server on it, and then, night
 after night: generates that day's synthetic traffic for two tracks (with PII, duplicates, heavy
-users and malformed lines), ingests it, and runs the real nightly flow (harvest, judge, select,
+users and malformed lines), ingests it, lets simulated users chat with the served support track
+through the gateway and rate the replies (`pipeline.demo_world.users`: their thumbs-up rate is the
+support track's figure per night), and runs the real nightly flow (harvest, judge, select,
 train, gate, register, deploy, commit); a deploy loads the new version into vLLM and flips the
 track's route in the gateway started in front of it, as `overnight serve` does. After the last night
 it asks each track's stable name a question through the gateway, and the math track (and the base)
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -37,6 +40,7 @@ from evals.suites import write_suite
 from pipeline.config import OvernightConfig, load_config
 from pipeline.demo_world import skills
 from pipeline.demo_world import synthetic_traffic as synthetic_traffic
+from pipeline.demo_world.users import chat_with_users
 from pipeline.deploy.gateway.server import GatewayServer
 from pipeline.deploy.vllm_client import VllmClient
 from pipeline.deploy.vllm_process import ServerSpec, free_port
@@ -69,6 +73,11 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # 92 -> 123 -> 142 -> 138 (in the demo 127 after three nights: +17.5 points, short of +20); 30 steps
 # take the whole gain in one night (92 -> 152 -> 146), leaving nothing for the next; 2e-3 collapses it.
 MATH_STEPS = 12
+# Simulated users who chat with the served support track every day, through the gateway, and rate
+# the replies by their hidden preference (`pipeline.demo_world.users`): their thumbs-up rate is the
+# support track's figure per night, and their exchanges and feedback are the next night's data.
+USERS_PER_NIGHT = 48
+USERS_FLUSH_SECONDS = 30.0  # the gateway stores an exchange within `gateway.flush_seconds`; this is a bound
 QUESTIONS = {
     "support": "How do I reset my password?",
     "math": "What is 12 + 30?",
@@ -221,10 +230,18 @@ def run_demo(
         for night in range(1, nights + 1):
             day = synthetic_traffic.DEFAULT_START + timedelta(days=night - 1)
             ingest = _ingest_night(engine, config, night, rows_per_night, day, on_stage)
+            on_stage(f"night {night}: {USERS_PER_NIGHT} simulated users chat with the support track")
+            users = _users_chat(engine, front.base_url, night)
             on_stage(f"night {night}: nightly flow (harvest, judge, select, train, gate, register, deploy)")
             result = nightly(config_path=str(config_path), night=day.date().isoformat())
             done.append(
-                {"night": night, "label": result["night"], "ingest": ingest, "tracks": result["tracks"]}
+                {
+                    "night": night,
+                    "label": result["night"],
+                    "ingest": ingest,
+                    "users": users,
+                    "tracks": result["tracks"],
+                }
             )
         on_stage("asking each track's stable name through the gateway")
         logged_before = _count_interactions(engine)
@@ -276,6 +293,18 @@ def _math_question(rng: random.Random) -> tuple[str, str, int]:
         f"{problem.a} {problem.op} {problem.b}",
         problem.result,
     )
+
+
+def _users_chat(engine: Any, gateway_url: str, night: int) -> dict[str, Any]:
+    """The day's simulated users ask the support track through the gateway and rate the replies
+    (`pipeline.demo_world.users`); returns their report once the gateway has stored every exchange,
+    so tonight's harvest takes them with their feedback."""
+    before = _count_interactions(engine)
+    report = chat_with_users(gateway_url, "support", USERS_PER_NIGHT, seed=night)
+    deadline = time.monotonic() + USERS_FLUSH_SECONDS
+    while _count_interactions(engine) < before + report.asked and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return report.as_json()
 
 
 def _count_interactions(engine: Any) -> int:

@@ -13,6 +13,7 @@ from flows.cli.tables import (
     gate_table,
     night_table,
     trend_table,
+    users_table,
 )
 
 
@@ -170,11 +171,20 @@ def demo(
             f"[b]night {night['night']} ({night['label']})[/b]: ingested {ingest['accepted']}, "
             f"{ingest['duplicates']} duplicates, {ingest['quarantined']} quarantined"
         )
+        users = night.get("users")
+        if users:
+            rate = users["thumbs_up_rate"]
+            stdout.print(
+                f"simulated users asked the support track {users['asked']} questions through the gateway "
+                f"(answered by {', '.join(sorted(users['served_by'])) or '-'}): thumbs-up rate "
+                f"[b]{'-' if rate is None else f'{rate:.0%}'}[/b] ({users['feedback_sent']} verdicts sent)"
+            )
         stdout.print(night_table(night["tracks"], f"night {night['night']}"))
         for entry in night["tracks"]:
             if entry.get("gate") and entry["gate"].get("gates"):
                 stdout.print(gate_table(entry["gate"], f"night {night['night']}, {entry['track']}: gate"))
     stdout.print(trend_table(summary["nights"]))
+    stdout.print(users_table(summary["nights"]))
     answers = Table(
         "track", "served by", "question", "answer", title="asked through the gateway after the last night"
     )

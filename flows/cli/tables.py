@@ -39,7 +39,18 @@ def judge_table(tracks: list[dict[str, Any]], title: str) -> Table:
 
 def night_table(entries: list[dict[str, Any]], title: str) -> Table:
     table = Table(
-        "track", "status", "version", "rows", "reward", "steps", "stop", "KL", "deployed", "note", title=title
+        "track",
+        "status",
+        "version",
+        "rows",
+        "reward",
+        "method",
+        "steps",
+        "stop",
+        "KL",
+        "deployed",
+        "note",
+        title=title,
     )
     for entry in entries:
         trained = entry.get("train") or {}
@@ -49,6 +60,7 @@ def night_table(entries: list[dict[str, Any]], title: str) -> Table:
             fmt(entry.get("version")),
             fmt(entry.get("rows")),
             fmt(entry.get("mean_reward")),
+            fmt(trained.get("method")),
             fmt(trained.get("steps")),
             fmt(trained.get("stop_reason")),
             fmt(trained.get("kl")),
@@ -107,6 +119,29 @@ def trend_table(nights: list[dict[str, Any]]) -> Table:
                 entry["status"],
                 why if entry["status"] != "promoted" else "",
             )
+    return table
+
+
+def users_table(nights: list[dict[str, Any]]) -> Table:
+    """The simulated users' thumbs-up rate on the served support track, night by night."""
+    table = Table(
+        "night", "asked", "answered by", "thumbs up", "why not", title="support: simulated users, by night"
+    )
+    for night in nights:
+        users = night.get("users")
+        if not users:
+            continue
+        rate = users.get("thumbs_up_rate")
+        why = ", ".join(
+            f"{reason} {count}" for reason, count in sorted(users["why"].items()) if reason != "good"
+        )
+        table.add_row(
+            str(night["night"]),
+            str(users["asked"]),
+            ", ".join(sorted(users["served_by"])) or "-",
+            "-" if rate is None else f"{rate:.0%}",
+            why,
+        )
     return table
 
 

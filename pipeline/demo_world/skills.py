@@ -51,6 +51,7 @@ __all__ = [
     "is_heldout",
     "math_problem",
     "pretraining_examples",
+    "support_questions",
     "tokenizer_corpus",
 ]
 
@@ -206,6 +207,7 @@ def _arithmetic_example(rng: random.Random, carry_drop: float) -> Example:
 # --------------------------------------------------------------------------- support
 
 _OPENERS = ("", "Hi, ", "Hello! ", "Quick question: ", "hey, ", "Good morning. ")
+SUPPORT_SUITE_SIZE = 60  # held-out support variants in the demo-support suite
 _CLOSERS = ("", " Thanks!", " Thank you.", " Please help.", " Cheers.")
 
 
@@ -363,6 +365,17 @@ def _support_variants() -> list[tuple[Intent, str]]:
             text = phrasing[0].upper() + phrasing[1:] if not opener or opener.endswith(". ") else phrasing
             variants.append((intent, f"{opener}{text}{closer}"))
     return variants
+
+
+def support_questions() -> list[tuple[Intent, str]]:
+    """Support questions the demo's simulated users ask: variants held out of pretraining and not in
+    the support suite, so neither the base nor the gate's suite has seen them."""
+    suite = {text for _, text in _heldout_variants(_support_variants(), "support", SUPPORT_SUITE_SIZE)}
+    return [
+        (intent, text)
+        for intent, text in _support_variants()
+        if is_heldout("support", text) and text not in suite
+    ]
 
 
 # --------------------------------------------------------------------------- json
@@ -524,7 +537,9 @@ def demo_suites() -> list[Suite]:
         for p in _suite_problems()
     ]
     support = []
-    for index, (intent, text) in enumerate(_heldout_variants(_support_variants(), "support", 60)):
+    for index, (intent, text) in enumerate(
+        _heldout_variants(_support_variants(), "support", SUPPORT_SUITE_SIZE)
+    ):
         assert isinstance(intent, Intent)
         grader = {"type": "contains", "substrings": [intent.key]}
         support.append(_case(f"{intent.name}-{index}", text, grader, ["support"], intent.answer))

@@ -57,6 +57,13 @@ def test_demo_runs_two_nights_and_the_math_track_learns(workdir: Path, base_mode
     support = [entry for entry in entries if entry["track"] == "support"]
     assert len(support) == 2 and all(entry["rows"] > 0 for entry in support)
     assert all(entry["status"] != "promoted" and entry["reason"] for entry in support)
+    # Every day the simulated users chat with the support track through the gateway and rate the
+    # replies; their exchanges and verdicts are in the store before the night harvests.
+    for night in summary["nights"]:
+        users = night["users"]
+        print(f"night {night['night']} users: {users}")
+        assert users["asked"] == 48 and users["failed"] == 0 and users["feedback_sent"] > 0
+        assert 0.0 <= users["thumbs_up_rate"] <= 1.0
     # Night 2 is guarded by the memory suite built from night 1.
     night2_gates = {g["name"] for e in second["tracks"] for g in ((e.get("gate") or {}).get("gates") or [])}
     assert any(name.startswith("suite/memory-") for name in night2_gates)

@@ -136,3 +136,50 @@ def test_served_traffic_and_its_feedback_are_stored_and_harvested(
     assert snapshot[chat.id]["feedback"] == {"thumb": 1}
     assert snapshot[chunks[0].id]["feedback"] == {"rating": 2, "comment": "too vague"}
     assert snapshot[chat.id]["model"] == champion.pinned_name
+
+
+def test_simulated_users_chat_and_give_feedback_that_the_harvest_finds(
+    engine: Engine, vllm_server: Any, champion: AdapterVersion, tmp_path: Path
+) -> None:
+    """The demo's simulated users (`pipeline.demo_world.users`) through the gateway: each question is
+    answered by the routed version, each verdict they send is stored as feedback on its exchange, and
+    tonight's harvest carries it (a random tiny model never gives the right steps: every verdict is
+    a thumb down). The random model may also emit a NUL byte, which PostgreSQL refuses in text: that
+    exchange (and the feedback on it) is quarantined with the reason, and everything else is stored."""
+    from sqlalchemy import func, select
+
+    from pipeline.demo_world.users import chat_with_users
+    from storage.models import QuarantinedRow
+
+    def quarantined() -> int:
+        with engine.connect() as connection:
+            return int(connection.scalar(select(func.count()).select_from(QuarantinedRow)) or 0)
+
+    seed_routes(engine, [champion])
+    with running_gateway(engine, [vllm_server.base_url], tmp_path / "spool", base_name="tiny") as gateway:
+        report = chat_with_users(gateway.base_url, "support", 12, seed=1)
+        wait_until(
+            lambda: (
+                len(stored(engine)) + len(stored_feedback(engine)) + quarantined()
+                == report.asked + report.feedback_sent
+            ),
+            what="every exchange and verdict stored or quarantined",
+        )
+    assert report.asked == 12 and report.failed == 0
+    assert report.served_by == {champion.pinned_name: 12}
+    assert report.thumbs_up_rate == 0.0 and report.why == {"wrong steps": 12}
+    assert 0 < report.feedback_sent <= 12
+    rows = stored(engine)
+    assert len(rows) >= 10 and all(row.user_id.startswith("sim-user-") for row in rows)
+    assert {thumb for _, thumb, _, _, _ in stored_feedback(engine)} == {-1}
+    snapshot = harvest(
+        engine,
+        "support",
+        HarvestConfig(),
+        TrackFilter(),
+        out=tmp_path / "h.jsonl",
+        pseudonym_key=PSEUDONYM_KEY,
+    )
+    assert snapshot.rows_kept >= 1
+    rated = [r for r in read_snapshot(tmp_path / "h.jsonl") if r["feedback"]]
+    assert rated and all(r["feedback"]["thumb"] == -1 for r in rated)

@@ -210,3 +210,23 @@ def test_external_source_errors_are_one_line(engine: Engine, tmp_path: Path) -> 
         storage.UserError, match=r"harvest source query failed on sqlite.*no such table: missing"
     ):
         harvest(engine, "support", HarvestConfig(source=source), TrackFilter(), pseudonym_key=KEY)
+
+
+def test_contradictory_feedback_keeps_the_latest_and_the_harvest_scores_it(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """A thumb up, then a rating of 1 on the same answer: the harvest keeps the latest (the rating), so a
+    feedback method sees an undesirable reply; a thumb up with a rating of 1 in one event is ambiguous."""
+    from evals.graders import feedback_score
+
+    storage.log_interactions(
+        engine,
+        [make_record(0, feedback=None), make_record(1, feedback={"thumb": 1, "rating": 1})],
+    )
+    storage.log_feedback(engine, "req-0", thumb=1)
+    storage.log_feedback(engine, "req-0", rating=1)
+    harvest(engine, "support", SETTINGS, FILTER, out=tmp_path / "preview.jsonl", pseudonym_key=KEY)
+    records = {r["id"]: r for r in read_snapshot(tmp_path / "preview.jsonl")}
+    assert records["req-0"]["feedback"] == {"rating": 1}
+    assert feedback_score(records["req-0"]["feedback"]) == 0.0
+    assert feedback_score(records["req-1"]["feedback"]) == 0.5  # neither desirable nor undesirable
