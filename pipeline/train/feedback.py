@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import math
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from copy import deepcopy
@@ -33,12 +32,14 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from evals.graders import combine_scores
+from pipeline.config import TrainConfig
 from pipeline.results import TrainPrompt
 from pipeline.train import examples
 from pipeline.train.bounds import planned_steps
 from pipeline.train.examples import ScoredReply
 from pipeline.train.kl import kl_to_reference
-from pipeline.train.recipe import Progress, Recipe, RewardFunction, lora_config
+from pipeline.train.recipe import Progress, Recipe, RewardFunction, lora_config, training_args
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +129,6 @@ class FeedbackRecipe(Recipe):
 
     def trainer_args(self, config_type: type, **specific: Any) -> Any:
         """The method's TRL config: the shared bounds plus `specific` settings."""
-        from pipeline.train.recipe import training_args
-
         shared = training_args(
             self.settings,
             output_dir=self.out_dir / ".trainer",
@@ -238,7 +237,7 @@ def sample_replies(
     reward_funcs: Sequence[RewardFunction],
     reward_weights: Sequence[float] | None,
     *,
-    settings: Any,
+    settings: TrainConfig,
 ) -> list[ScoredReply]:
     """`num_generations` replies the model samples for each prompt, scored by the weighted reward."""
     was_training = model.training
@@ -263,7 +262,11 @@ def sample_replies(
 
 
 def _generate(
-    model: Any, tokenizer: PreTrainedTokenizerBase, batch: Sequence[TrainPrompt], settings: Any, device: Any
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: Sequence[TrainPrompt],
+    settings: TrainConfig,
+    device: Any,
 ) -> list[str]:
     encoded: Any = tokenizer.apply_chat_template(
         [prompt.messages for prompt in batch], add_generation_prompt=True, tokenize=True, return_dict=True
@@ -292,32 +295,28 @@ def score_replies(
     reward_funcs: Sequence[RewardFunction],
     reward_weights: Sequence[float] | None,
 ) -> list[float | None]:
-    """The weighted mean of the reward functions for each reply (TRL's calling convention); None when
-    no function gave a finite score in [0, 1]."""
+    """The weighted mean of the reward functions for each reply (TRL's calling convention,
+    `evals.graders.combine_scores` for the blend); None when no function gave a finite score in [0, 1]."""
     repeated = [prompt for prompt in prompts for _ in range(per_prompt)]
     keys = sorted({key for prompt in prompts for key in prompt.metadata})
     columns: dict[str, list[Any]] = {"reference": [prompt.reference for prompt in repeated]}
     columns |= {key: [prompt.metadata.get(key) for prompt in repeated] for key in keys if key != "reference"}
     weights = list(reward_weights) if reward_weights is not None else [1.0] * len(reward_funcs)
+    completions = [[{"role": "assistant", "content": text}] for text in texts]
     per_function = [
-        _call(
-            func,
-            [p.messages for p in repeated],
-            [[{"role": "assistant", "content": t}] for t in texts],
-            columns,
-        )
-        for func in reward_funcs
+        _call(func, [p.messages for p in repeated], completions, columns) for func in reward_funcs
     ]
-    scores: list[float | None] = []
-    for index in range(len(texts)):
-        total = weight_sum = 0.0
-        for weight, values in zip(weights, per_function, strict=True):
-            value = examples.valid_score(values[index]) if index < len(values) else None
-            if value is not None and weight > 0:
-                total += weight * value
-                weight_sum += weight
-        scores.append(total / weight_sum if weight_sum else None)
-    return scores
+    names = {f"reward{j}": weight for j, weight in enumerate(weights)}
+    return [
+        combine_scores(
+            {
+                f"reward{j}": examples.valid_score(values[index]) if index < len(values) else None
+                for j, values in enumerate(per_function)
+            },
+            names,
+        )
+        for index in range(len(texts))
+    ]
 
 
 def _call(
@@ -326,8 +325,7 @@ def _call(
     result = func(prompts=prompts, completions=completions, **columns)
     if inspect.isawaitable(result):
         result = asyncio.run(_awaited(result))
-    values = list(result)
-    return [value if isinstance(value, int | float) and math.isfinite(value) else None for value in values]
+    return list(result)
 
 
 async def _awaited(awaitable: Any) -> Any:

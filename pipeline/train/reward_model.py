@@ -117,7 +117,13 @@ def fit_reward_model(
         )
         return RewardModelResult(None, len(train), len(heldout), None, None, False, reason)
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -141,8 +147,6 @@ def fit_reward_model(
         for ids, mask, reply in zip(encoded["input_ids"], encoded["attention_mask"], train, strict=True)
     ]
     steps = max(1, min(settings.max_steps, math.ceil(len(dataset) * settings.epochs / settings.batch_size)))
-    from transformers import DataCollatorWithPadding
-
     trainer = Trainer(
         model=peft_model,
         args=TrainingArguments(

@@ -43,8 +43,8 @@ def train(
     """Tonight's candidate adapter by `settings.method`, from `champion` (or a fresh LoRA), within the bounds.
 
     Writes into `out_dir`: `adapter/` (unless nothing was trained), `metrics.jsonl` and
-    `train_result.json`. GRPO needs reward functions; DPO and SFT use them to rank the champion's
-    own samples when there are any; KTO learns from the logged replies' scores only.
+    `train_result.json`. GRPO needs reward functions; KTO, DPO and SFT use them, when there are any
+    and `train.on_policy` is on, to rank the champion's own samples next to the logged replies.
     """
     recipe = RECIPES[settings.method](
         settings, base_model=base_model, out_dir=out_dir, champion=champion, started=time.perf_counter()
