@@ -1,23 +1,29 @@
-"""Methods benchmark: GRPO, GRPO on a reward model, KTO, DPO and SFT side by side on one night's data.
+"""Methods benchmark: GRPO (judge), GRPO (reward model), KTO, DPO and SFT side by side on one night of
+users' feedback.
 
-On the competent demo base (built and cached on first use), one night of arithmetic traffic: the
-base answered 240 sums it never saw (sampled at temperature 1, so it forgot some carries) and
-simulated users gave each answer a thumb (up for the right sum). Every method starts from the base
-with the same LoRA, learning rate, batch and step budget (`planted.HACK_SETTINGS`), each in a fresh
-process so that its peak memory is its own:
-  - grpo (exact): GRPO on the exact-answer grader, the verifiable reward (the demo's LLM judge
-    cannot judge yet: a 3M-parameter base scores at random, so "GRPO (judge)" would measure noise);
-  - grpo (reward model): a reward model fitted to tonight's thumbs (`pipeline.train.reward_model`),
+On the competent demo base (built and cached on first use), one night of the demo's support track:
+the base answered support questions it never saw in pretraining (sampled at temperature 1, as a chat
+application samples, so some replies are padded or give another question's steps) and the demo's
+simulated users rated each reply by their hidden preference, the right steps in a short reply
+(`pipeline.demo_world.users.verdict`: a thumb, and from half of them a rating). The LLM judge is the
+base itself, served by a local vLLM server and asked in the compact judge prompt on the demo's
+rubric (`skills.SUPPORT_RUBRIC`); its agreement with the night's ratings is printed first. Every
+method starts from the base with the same LoRA, learning rate, batch and step budget
+(`planted.HACK_SETTINGS`, replies up to the users' 48 tokens), each in a fresh process so that its
+peak memory is its own:
+  - grpo-judge: GRPO on the LLM judge (RLAIF), the judge scoring each sampled reply;
+  - grpo-rm: a reward model fitted to tonight's thumbs and ratings (`pipeline.train.reward_model`),
     then GRPO on it alone;
-  - kto, dpo, sft: the feedback methods on the thumbs plus the base's own samples ranked by the
-    exact answer (`train.on_policy`).
+  - kto, dpo, sft: the feedback methods on the users' thumbs plus the base's own samples ranked by
+    the judge (`train.on_policy`), as the demo's support track does.
 
 Measured per method: wall seconds of the update (model loading included), peak resident memory of
-its process, steps, then on 200 other held-out sums: greedy accuracy, and the simulated users'
-thumbs-up rate on sampled answers (temperature 1, 4 per question); and the change of every demo
-suite's score (greedy). Gains are against the base, measured the same way in the same run.
+its process, steps; then on questions held out of the night: the users' thumbs-up rate on sampled
+replies (temperature 1, `SAMPLED_PER_QUESTION` per question), with the gate's paired interval of
+its gain over the base (per question, 95%), and the change of every demo suite's score (greedy).
+Gains are against the base, measured the same way in the same run.
 
-    .venv/bin/python bench/methods.py [--methods grpo,grpo-rm,kto,dpo,sft] [--steps 30]
+    .venv/bin/python bench/methods.py [--methods grpo-judge,grpo-rm,kto,dpo,sft] [--steps 30]
 """
 
 from __future__ import annotations
@@ -25,52 +31,81 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from evals.arithmetic import ArithmeticGrader  # noqa: E402
-from evals.graders import Sample, as_reward_function  # noqa: E402
-from pipeline.demo_world import planted, skills  # noqa: E402
+from evals.calibration import spearman, thumb_accuracy  # noqa: E402
+from evals.graders import feedback_score  # noqa: E402
+from evals.statistics import paired_interval  # noqa: E402
+from pipeline.demo_world import planted, skills, users  # noqa: E402
 from pipeline.gate.generation import Decoding, InProcessGenerator  # noqa: E402
 from pipeline.results import TrainPrompt  # noqa: E402
 
-METHODS = ("grpo", "grpo-rm", "kto", "dpo", "sft")
-TRAIN, HELDOUT = planted.arithmetic_prompts(240, 200)
-EXACT = ArithmeticGrader()
+METHODS = ("grpo-judge", "grpo-rm", "kto", "dpo", "sft")
 SAMPLED_PER_QUESTION = 4
+REPLY = Decoding(max_new_tokens=users.REPLY_TOKENS, temperature=1.0)
+NIGHT_SHARE = 0.6  # of the users' questions: the night's; the rest are held out
 
 
-def rated_night(generator: InProcessGenerator) -> list[TrainPrompt]:
-    """The night's logged answers with the simulated users' thumbs (up: the right sum)."""
-    replies = generator.replies(
-        None, [p.messages for p in TRAIN], Decoding(max_new_tokens=16, temperature=1.0, seed=3)
-    )
-    return [
-        TrainPrompt(p.messages, response=r, score=EXACT.score(Sample(p.messages, r)), score_source="feedback")
-        for p, r in zip(TRAIN, replies, strict=True)
-    ]
+def questions() -> tuple[list[tuple[skills.Intent, str]], list[tuple[skills.Intent, str]]]:
+    """The users' questions (never pretrained on, not in the suites), split into tonight's and held out."""
+    pool = skills.support_questions()
+    random.Random("methods-bench").shuffle(pool)
+    cut = round(len(pool) * NIGHT_SHARE)
+    return pool[:cut], pool[cut:]
 
 
-def measure(generator: InProcessGenerator, adapter: Path | None) -> dict[str, float]:
-    """Held-out greedy accuracy, the users' sampled thumbs-up rate, and every demo suite's score."""
-    chats = [p.messages for p in HELDOUT]
-    greedy = generator.replies(adapter, chats, Decoding(max_new_tokens=16))
-    figures = {"accuracy": _rate(chats, greedy)}
-    sampled = []
+NIGHT, HELDOUT = questions()
+
+
+def chat(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
+
+
+def rated_night(generator: InProcessGenerator) -> tuple[list[TrainPrompt], list[dict[str, Any]]]:
+    """Tonight's logged replies with the users' feedback, and the feedback itself (for calibration)."""
+    rng = random.Random("methods-bench-users")
+    replies = generator.replies(None, [chat(q) for _, q in NIGHT], replace(REPLY, seed=3))
+    prompts, feedback = [], []
+    for (intent, question), reply in zip(NIGHT, replies, strict=True):
+        judged = users.verdict(intent, reply, rng)
+        given: dict[str, Any] = {"thumb": judged.thumb}
+        if rng.random() < users.RATING_RATE:
+            given["rating"] = judged.rating
+        prompts.append(
+            TrainPrompt(chat(question), response=reply, score=feedback_score(given), score_source="feedback")
+        )
+        feedback.append(given)
+    return prompts, feedback
+
+
+def liked_per_question(generator: InProcessGenerator, adapter: Path | None) -> list[float]:
+    """Per held-out question, the share of its sampled replies the users like."""
+    chats = [chat(q) for _, q in HELDOUT]
+    liked = [0] * len(HELDOUT)
     for seed in range(SAMPLED_PER_QUESTION):
-        sampled += generator.replies(adapter, chats, Decoding(max_new_tokens=16, temperature=1.0, seed=seed))
-    figures["thumbs_up"] = _rate(chats * SAMPLED_PER_QUESTION, sampled)
+        replies = generator.replies(adapter, chats, Decoding(REPLY.max_new_tokens, REPLY.temperature, seed))
+        for index, ((intent, _), reply) in enumerate(zip(HELDOUT, replies, strict=True)):
+            liked[index] += skills.preference(intent, reply) == "good"
+    return [count / SAMPLED_PER_QUESTION for count in liked]
+
+
+def measure(generator: InProcessGenerator, adapter: Path | None) -> dict[str, Any]:
+    """The users' per-question thumbs-up rate on held-out questions, and every demo suite's score."""
+    figures: dict[str, Any] = {"liked": liked_per_question(generator, adapter)}
     for suite in skills.demo_suites():
         replies = generator.replies(
-            adapter, [list(c.messages) for c in suite.cases], Decoding(max_new_tokens=32)
+            adapter, [list(c.messages) for c in suite.cases], Decoding(max_new_tokens=users.REPLY_TOKENS)
         )
         figures[suite.name] = sum(c.score(r) for c, r in zip(suite.cases, replies, strict=True)) / len(
             suite.cases
@@ -78,22 +113,46 @@ def measure(generator: InProcessGenerator, adapter: Path | None) -> dict[str, fl
     return figures
 
 
-def _rate(chats: list[Any], replies: list[str]) -> float:
-    return sum(EXACT.score(Sample(chat, reply)) for chat, reply in zip(chats, replies, strict=True)) / len(
-        replies
+def judge_for(url: str) -> Any:
+    from pipeline.judge.client import JudgeSettings, LlmJudge
+
+    return LlmJudge(JudgeSettings(base_url=url, model="base", prompt="compact", max_tokens=16, concurrency=8))
+
+
+def calibration(url: str, night: list[TrainPrompt], feedback: list[dict[str, Any]]) -> dict[str, Any]:
+    """The judge's agreement with the night's users: Spearman with ratings, thumb accuracy."""
+    from pipeline.judge.client import run_sync
+
+    judge = judge_for(url)
+    verdicts = run_sync(
+        judge.score(skills.SUPPORT_RUBRIC, [p.messages for p in night], [p.response or "" for p in night])
     )
+    scored = [(v.score, f) for v, f in zip(verdicts, feedback, strict=True) if v.score is not None]
+    rated = [(score, f["rating"]) for score, f in scored if "rating" in f]
+    return {
+        "judged": len(scored),
+        "of": len(night),
+        "spearman_rating": spearman([s for s, _ in rated], [r for _, r in rated]) if rated else None,
+        "n_rated": len(rated),
+        "thumb_accuracy": thumb_accuracy([s for s, _ in scored], [f["thumb"] for _, f in scored]),
+    }
 
 
-def train_one(method: str, base: str, night_file: Path, out_dir: Path, steps: int) -> dict[str, Any]:
+def train_one(
+    method: str, base: str, night_file: Path, out_dir: Path, steps: int, url: str
+) -> dict[str, Any]:
     """One method's update in this process (run by the parent as a child): the result as JSON."""
     from pipeline.train.examples import logged_replies
     from pipeline.train.reward_model import RewardModelScorer, fit_reward_model
+    from pipeline.train.rewards import judge_reward
     from pipeline.train.stage import train
 
     prompts = [TrainPrompt.from_json(json.loads(line)) for line in night_file.read_text().splitlines()]
-    settings = planted.HACK_SETTINGS.model_copy(update={"max_steps": steps})
+    settings = planted.HACK_SETTINGS.model_copy(
+        update={"max_steps": steps, "max_completion_tokens": users.REPLY_TOKENS}
+    )
     started = time.perf_counter()
-    rewards: list[Any] = [as_reward_function(EXACT)]
+    rewards: list[Any] = [judge_reward(judge_for(url), skills.SUPPORT_RUBRIC)]
     extra: dict[str, Any] = {}
     if method == "grpo-rm":
         from pipeline.config import RewardModelConfig
@@ -129,71 +188,113 @@ def train_one(method: str, base: str, night_file: Path, out_dir: Path, steps: in
     }
 
 
+def start_judge_server(base: str, work: Path) -> Any:
+    """The base served by vLLM: the LLM judge (as in the demo)."""
+    from pipeline.deploy.serving import start_serving
+    from pipeline.deploy.vllm_process import ServerSpec, free_port
+
+    spec = ServerSpec(
+        model=base,
+        served_name="base",
+        port=free_port(),
+        dtype="float32",
+        max_model_len=1024,
+        max_loras=1,
+        max_lora_rank=8,
+        log_file=work / "vllm.log",
+    )
+    return start_serving(spec, [], timeout_seconds=300)
+
+
+def gain(after: list[float], before: list[float]) -> str:
+    interval = paired_interval(after, before, confidence=0.95)
+    return f"{interval.mean_delta:+.3f} [{interval.low:+.3f}, {interval.high:+.3f}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--steps", type=int, default=30, help="step budget of every method")
-    parser.add_argument("--child", nargs=3, metavar=("METHOD", "NIGHT", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("METHOD", "NIGHT", "OUT", "URL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     from pipeline.demo_world.base_model import build_base_model
 
     base = str(build_base_model(ROOT / ".overnight" / "test-cache" / "base-model"))
     if args.child:
-        method, night, out = args.child
-        print(json.dumps(train_one(method, base, Path(night), Path(out), args.steps)))
+        method, night, out, url = args.child
+        print(json.dumps(train_one(method, base, Path(night), Path(out), args.steps, url)))
         return
     generator = InProcessGenerator(base, batch_size=64)
     work = Path(tempfile.mkdtemp(prefix="overnight-methods-"))
-    night = work / "night.jsonl"
-    rated = rated_night(generator)
-    night.write_text("".join(json.dumps(p.as_json()) + "\n" for p in rated))
-    ups = sum(1 for p in rated if p.score == 1.0)
+    night_file = work / "night.jsonl"
+    night, feedback = rated_night(generator)
+    night_file.write_text("".join(json.dumps(p.as_json()) + "\n" for p in night))
+    ups = sum(1 for f in feedback if f["thumb"] == 1)
     print(
-        f"night: {len(rated)} answers, {ups} thumbs up, {len(rated) - ups} down; held out: {len(HELDOUT)} sums"
+        f"night: {len(night)} replies, {ups} thumbs up, {len(night) - ups} down; "
+        f"held out: {len(HELDOUT)} questions x {SAMPLED_PER_QUESTION} sampled replies"
     )
-    before = measure(generator, None)
-    print("base: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()))
-    rows = []
-    for method in args.methods.split(","):
-        out = work / method
-        child = subprocess.run(
-            [sys.executable, __file__, "--steps", str(args.steps), "--child", method, str(night), str(out)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-            check=False,
+    server = start_judge_server(base, work)
+    try:
+        url = server.base_url
+        print("judge vs the night's users: " + json.dumps(calibration(url, night, feedback)))
+        before = measure(generator, None)
+        base_rate = sum(before["liked"]) / len(before["liked"])
+        print(
+            f"base: thumbs up {base_rate:.3f}, "
+            + ", ".join(f"{k} {v:.3f}" for k, v in before.items() if k != "liked")
         )
-        if child.returncode != 0:
-            print(f"{method}: failed\n{child.stderr[-2000:]}")
-            continue
-        result = json.loads(child.stdout.strip().splitlines()[-1])
-        if result.get("adapter"):
-            result["after"] = measure(generator, Path(result["adapter"]))
-        rows.append(result)
-        print(json.dumps(result))
+        rows = []
+        for method in args.methods.split(","):
+            out = work / method
+            command = [
+                sys.executable,
+                __file__,
+                "--steps",
+                str(args.steps),
+                "--child",
+                method,
+                str(night_file),
+            ]
+            child = subprocess.run(
+                [*command, str(out), url],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+                check=False,
+            )
+            if child.returncode != 0:
+                print(f"{method}: failed\n{child.stderr[-2000:]}")
+                continue
+            result = json.loads(child.stdout.strip().splitlines()[-1])
+            if result.get("adapter"):
+                result["after"] = measure(generator, Path(result["adapter"]))
+            rows.append(result)
+            print(json.dumps({k: v for k, v in result.items() if k != "after"}))
+    finally:
+        server.stop()
     print()
     suites = [suite.name for suite in skills.demo_suites()]
-    header = ["method", "wall s", "peak MiB", "steps", "accuracy", "thumbs up"] + [
-        s.removeprefix("demo-") for s in suites
-    ]
+    header = ["method", "wall s", "peak MiB", "steps", "thumbs up (gain, 95% interval)"]
+    header += [s.removeprefix("demo-") for s in suites]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    base_row = ["base", "", "", "", f"{before['accuracy']:.3f}", f"{before['thumbs_up']:.3f}"]
+    base_row = ["base", "", "", "", f"{base_rate:.3f}"]
     print("| " + " | ".join(base_row + [f"{before[s]:.3f}" for s in suites]) + " |")
     for row in rows:
         after = row.get("after")
         if after is None:
             print(f"| {row['method']} | {row.get('error') or row.get('stop_reason')} |")
             continue
+        rate = sum(after["liked"]) / len(after["liked"])
         cells = [
             row["method"],
             f"{row['seconds']:.1f}",
             f"{row['peak_rss_mib']:.0f}",
             str(row["steps"]),
-            f"{after['accuracy']:.3f} ({after['accuracy'] - before['accuracy']:+.3f})",
-            f"{after['thumbs_up']:.3f} ({after['thumbs_up'] - before['thumbs_up']:+.3f})",
+            f"{rate:.3f} ({gain(after['liked'], before['liked'])})",
         ] + [f"{after[s] - before[s]:+.3f}" for s in suites]
         print("| " + " | ".join(cells) + " |")
 

@@ -130,12 +130,14 @@ class ContainsGrader:
     """1.0 when the response contains all (or any) of the substrings, else 0.0.
 
     With no substrings given, the sample's reference is the one substring to look for; a plain
-    string is one substring, not a set of characters.
+    string is one substring, not a set of characters. With `max_chars`, a response longer than that
+    (leading and trailing whitespace aside) scores 0.0 whatever it contains: "the right steps, short".
     """
 
     substrings: Sequence[str] = ()
     mode: Literal["all", "any"] = "all"
     case_sensitive: bool = False
+    max_chars: int | None = None
     name: str = "contains"
 
     def __post_init__(self) -> None:
@@ -147,6 +149,8 @@ class ContainsGrader:
     def score(self, sample: Sample) -> float:
         needles = tuple(self.substrings) or (_reference(self.name, None, sample),)
         haystack = sample.response
+        if self.max_chars is not None and len(haystack.strip()) > self.max_chars:
+            return 0.0
         if not self.case_sensitive:
             haystack = haystack.casefold()
             needles = tuple(needle.casefold() for needle in needles)
@@ -399,6 +403,7 @@ class ContainsSpec(_GraderSpec):
     substrings: _Strings = Field(default_factory=list)
     mode: Literal["all", "any"] = "all"
     case_sensitive: bool = False
+    max_chars: int | None = Field(default=None, ge=1)  # longer responses (stripped) score 0
 
     def build(self) -> Grader:
         return ContainsGrader(**self.options())

@@ -17,9 +17,14 @@ would a user's traffic for the next night.
 
 The `math` track asks the arithmetic the base learned only partly (it forgets carries) and is
 rewarded by a verifiable exact-answer grader; its gain must be confirmed by the arithmetic suite,
-and the support, JSON and refusal suites guard what the base already knows. The `support` track is
-rewarded by the LLM judge, which on a 3M-parameter base scores at random: its gate must (and does)
-refuse to promote on that noise. Learning from users' feedback there is a later stage of the demo.
+and the support, JSON and refusal suites guard what the base already knows. The `support` track
+learns from its users: they prefer the right steps in a short reply, which the base gives greedily
+but only about half of its sampled replies do. Each night KTO learns from the day's thumbs and from
+the champion's own samples ranked by the LLM judge (the base, pretrained to judge support replies
+in the compact judge prompt; its agreement with the users' ratings is the night's calibration in
+MLflow); the gate samples replies and wants the gain confirmed by the concise-support suite. The
+users' thumbs-up rate, measured every day before the night and once after the last, is the
+support track's figure.
 """
 
 from __future__ import annotations
@@ -38,9 +43,8 @@ from sqlalchemy import func, select
 import storage
 from evals.suites import write_suite
 from pipeline.config import OvernightConfig, load_config
-from pipeline.demo_world import skills
+from pipeline.demo_world import skills, users
 from pipeline.demo_world import synthetic_traffic as synthetic_traffic
-from pipeline.demo_world.users import chat_with_users
 from pipeline.deploy.gateway.server import GatewayServer
 from pipeline.deploy.vllm_client import VllmClient
 from pipeline.deploy.vllm_process import ServerSpec, free_port
@@ -49,23 +53,22 @@ from storage.routes import read_routes
 
 DEMO_HOME = Path(".overnight/demo")
 MALFORMED_EVERY = 50  # one malformed line per this many records, as real logs have
-# LLM-judged items per track per night: the judge stage's rows (JUDGE_STAGE_ITEMS), the training
-# rewards (1 step x 4 prompts x 4 completions) and the gate's judge cases and held-out replies.
-# Small on purpose: the 3M-parameter base cannot judge, so the support track is there to be refused
-# on noise, not to spend the demo's minutes (measured: 64 items, 256 tokens each and 4 steps cost
-# about 3 of a night's 4 minutes).
-JUDGE_STAGE_ITEMS = 24
-JUDGE_MAX_TOKENS = 96
-JUDGE_BUDGET = 400
+# The support track's LLM judge is the base itself, pretrained to judge support replies in the compact
+# judge prompt (`skills.SUPPORT_RUBRIC`); it scores every exchange of the day's users (calibration
+# against their ratings), the champion's samples KTO ranks, and the gate's sampled held-out replies.
+JUDGE_STAGE_ITEMS = 96
+JUDGE_MAX_TOKENS = 16  # {"score": n}
+JUDGE_BUDGET = 3000
+RUBRIC_FILE = "rubrics/nimbus-support.md"
 KEEP = ("base-model",)  # what survives between demo runs (a cache); everything else starts clean
 NOTE = (
     "math: rewarded by the exact answer, its held-out accuracy must rise and be confirmed by the "
-    "arithmetic suite, with no regression on support, JSON and refusals. support: rewarded by the LLM "
-    "judge, which on this 3M-parameter base scores at random, so its gate refuses to promote on noise"
+    "arithmetic suite, with no regression on support, JSON and refusals. support: learns from its "
+    "simulated users' thumbs (KTO), with the LLM judge ranking its own samples; its gain on sampled "
+    "replies must be confirmed by the concise-support suite (the users' preference)"
 )
-SUITE_FILES = {
-    name: f"suites/{name}.jsonl" for name in ("demo-arithmetic", "demo-support", "demo-json", "demo-refusals")
-}
+SUITES = ("demo-arithmetic", "demo-support", "demo-concise-support", "demo-json", "demo-refusals")
+SUITE_FILES = {name: f"suites/{name}.jsonl" for name in SUITES}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # GRPO steps per night on the math track at most (16 prompts x 8 samples a step, about 1.5 s on 2
 # cores). Measured on the base outside the demo (200 unseen sums, greedy, three chained nights at
@@ -76,7 +79,11 @@ MATH_STEPS = 12
 # Simulated users who chat with the served support track every day, through the gateway, and rate
 # the replies by their hidden preference (`pipeline.demo_world.users`): their thumbs-up rate is the
 # support track's figure per night, and their exchanges and feedback are the next night's data.
-USERS_PER_NIGHT = 48
+USERS_PER_NIGHT = 96
+# KTO steps per night on the support track at most (8 prompts a step), and the gate's sampled
+# replies per held-out prompt and suite case.
+SUPPORT_STEPS = 16
+GATE_SAMPLES = 6
 USERS_FLUSH_SECONDS = 30.0  # the gateway stores an exchange within `gateway.flush_seconds`; this is a bound
 QUESTIONS = {
     "support": "How do I reset my password?",
@@ -117,6 +124,7 @@ def demo_settings(port: int, gateway_port: int = 8080) -> dict[str, Any]:
         },
         "gateway": {"port": gateway_port, "spool_dir": "gateway-spool"},
         "judge": {
+            "prompt": "compact",
             "budget_items": JUDGE_BUDGET,
             "stage_items": JUDGE_STAGE_ITEMS,
             "max_tokens": JUDGE_MAX_TOKENS,
@@ -126,22 +134,40 @@ def demo_settings(port: int, gateway_port: int = 8080) -> dict[str, Any]:
         "tracks": [
             {
                 "name": "support",
-                "description": "Customer-support answers, rewarded by the LLM judge (helpfulness).",
-                "rubric": "helpfulness",
-                "suites": [SUITE_FILES["demo-support"], SUITE_FILES["demo-refusals"]],
+                "description": "Nimbus Notes support, learning from its users' thumbs (KTO) and the LLM judge.",
+                # Only the exchanges of the app the users chat in, which the gateway logs with the
+                # request's metadata: the day's users and their feedback are the night's data.
+                "filter": {"metadata": {"app": users.APP}},
+                "rubric": RUBRIC_FILE,
+                "suites": [
+                    SUITE_FILES[name] for name in ("demo-support", "demo-concise-support", "demo-refusals")
+                ],
                 "harvest": {"max_chars": 2500},
-                "train": {"max_steps": 1, "max_prompts": 16},
-                # The judge rarely scores high: keep a small memory of its better-judged rows.
-                "gate": {"memory_min_reward": 0.3, "memory_cap": 24},
+                "train": {
+                    "method": "kto",
+                    "max_steps": SUPPORT_STEPS,
+                    "max_prompts": 96,
+                    "heldout_fraction": 0.4,
+                    "prompts_per_step": 8,
+                    "num_generations": 4,
+                    "max_completion_tokens": users.REPLY_TOKENS,
+                },
+                # The gain is in sampled replies (greedy ones are already right and short), so the
+                # gate samples too, `GATE_SAMPLES` replies per prompt, and the concise-support suite
+                # (the users' preference, graded by rule, not by the judge) must confirm it.
+                "gate": {
+                    "temperature": 1.0,
+                    "samples": GATE_SAMPLES,
+                    "max_new_tokens": users.REPLY_TOKENS,
+                    "confirm_with": ["demo-concise-support"],
+                    "memory_cap": 0,
+                },
             },
             {
                 "name": "math",
                 "description": "Arithmetic (A + B, A - B), rewarded by the exact answer.",
                 "rubric": "correctness",
-                "suites": [
-                    SUITE_FILES[name]
-                    for name in ("demo-arithmetic", "demo-support", "demo-json", "demo-refusals")
-                ],
+                "suites": [SUITE_FILES[name] for name in SUITES],
                 "reward": {"judge": 0.0, "graders": [{"type": "arithmetic", "weight": 1.0}]},
                 "harvest": {"max_chars": 2500, "max_rows_per_user": 100},
                 "train": {
@@ -184,6 +210,8 @@ def prepare_home(home: Path, port: int, gateway_port: int = 8080) -> tuple[Path,
             entry.unlink()
     for suite in skills.demo_suites():
         write_suite(suite, home / SUITE_FILES[suite.name])
+    (home / RUBRIC_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (home / RUBRIC_FILE).write_text(skills.rubric_markdown(), encoding="utf-8")
     path = home / "overnight.yaml"
     header = "# Written by `overnight demo`; rewritten on every demo run.\n"
     settings = demo_settings(port, gateway_port)
@@ -231,7 +259,7 @@ def run_demo(
             day = synthetic_traffic.DEFAULT_START + timedelta(days=night - 1)
             ingest = _ingest_night(engine, config, night, rows_per_night, day, on_stage)
             on_stage(f"night {night}: {USERS_PER_NIGHT} simulated users chat with the support track")
-            users = _users_chat(engine, front.base_url, night)
+            day_users = _users_chat(engine, front.base_url, night)
             on_stage(f"night {night}: nightly flow (harvest, judge, select, train, gate, register, deploy)")
             result = nightly(config_path=str(config_path), night=day.date().isoformat())
             done.append(
@@ -239,10 +267,14 @@ def run_demo(
                     "night": night,
                     "label": result["night"],
                     "ingest": ingest,
-                    "users": users,
+                    "users": day_users,
                     "tracks": result["tracks"],
                 }
             )
+        # What the users think of the champion the last night served: each night's figure is
+        # measured before that night's update, so this closes the curve.
+        on_stage(f"after night {nights}: {USERS_PER_NIGHT} simulated users chat with the support track")
+        users_after = _users_chat(engine, front.base_url, nights + 1)
         on_stage("asking each track's stable name through the gateway")
         logged_before = _count_interactions(engine)
         answers = _ask_tracks(config, front.base_url, engine)
@@ -262,6 +294,7 @@ def run_demo(
         "base_skills": base_skills,
         "note": NOTE,
         "nights": done,
+        "users_after": users_after,
         "answers": answers,
         "gateway": {"url": f"http://{config.gateway.host}:{config.gateway.port}/v1", "captured": captured},
         "browse": {
@@ -300,7 +333,7 @@ def _users_chat(engine: Any, gateway_url: str, night: int) -> dict[str, Any]:
     (`pipeline.demo_world.users`); returns their report once the gateway has stored every exchange,
     so tonight's harvest takes them with their feedback."""
     before = _count_interactions(engine)
-    report = chat_with_users(gateway_url, "support", USERS_PER_NIGHT, seed=night)
+    report = users.chat_with_users(gateway_url, "support", USERS_PER_NIGHT, seed=night)
     deadline = time.monotonic() + USERS_FLUSH_SECONDS
     while _count_interactions(engine) < before + report.asked and time.monotonic() < deadline:
         time.sleep(0.1)

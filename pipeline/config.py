@@ -149,6 +149,9 @@ class GateConfig(Section):
     bootstrap_samples: int = Field(default=2000, ge=100)  # paired bootstrap resamples
     seed: int = 0
     temperature: float = Field(default=0.0, ge=0)  # decoding of suite and held-out replies; 0: greedy
+    # temperature > 0: replies sampled per suite case and held-out prompt, each case scored by their
+    # mean (a sampled reply is right or wrong by chance; the mean of several resolves small gains)
+    samples: int = Field(default=1, ge=1, le=64)
     max_new_tokens: int = Field(default=64, ge=1)  # reply length for suite cases and held-out prompts
     false_alarm_rate: float = Field(
         default=0.05, gt=0, lt=0.5
@@ -238,6 +241,9 @@ class JudgeConfig(Section):
     temperature: float = Field(default=0.0, ge=0)
     max_tokens: int = Field(default=512, ge=1)  # tokens the judge may write (rationale + score)
     swap_orders: bool = False  # group mode: score two candidate orders and average (cancels position bias)
+    # compact: a ~100-token prompt (same fences, score-only answer) for small judges trained on the
+    # rubric; the rubric's criteria text is not shown, only its title and scale
+    prompt: Literal["full", "compact"] = "full"
 
 
 class MlflowConfig(Section):

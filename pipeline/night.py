@@ -612,6 +612,8 @@ def summarize(night: Night, outcome: NightOutcome) -> dict[str, Any]:
         "deployed": outcome.deployed.deployed,
         "rows": outcome.harvested.rows,
         "mean_reward": outcome.judged.mean_reward,
+        # the judge's agreement with the users who rated tonight's rows (`evals.calibration`)
+        "calibration": dict(outcome.judged.calibration),
     }
 
 

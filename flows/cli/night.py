@@ -184,7 +184,7 @@ def demo(
             if entry.get("gate") and entry["gate"].get("gates"):
                 stdout.print(gate_table(entry["gate"], f"night {night['night']}, {entry['track']}: gate"))
     stdout.print(trend_table(summary["nights"]))
-    stdout.print(users_table(summary["nights"]))
+    stdout.print(users_table(summary["nights"], summary.get("users_after")))
     answers = Table(
         "track", "served by", "question", "answer", title="asked through the gateway after the last night"
     )

@@ -44,6 +44,7 @@ def night_table(entries: list[dict[str, Any]], title: str) -> Table:
         "version",
         "rows",
         "reward",
+        "judge ρ",
         "method",
         "steps",
         "stop",
@@ -60,6 +61,7 @@ def night_table(entries: list[dict[str, Any]], title: str) -> Table:
             fmt(entry.get("version")),
             fmt(entry.get("rows")),
             fmt(entry.get("mean_reward")),
+            fmt((entry.get("calibration") or {}).get("spearman_rating")),
             fmt(trained.get("method")),
             fmt(trained.get("steps")),
             fmt(trained.get("stop_reason")),
@@ -122,13 +124,16 @@ def trend_table(nights: list[dict[str, Any]]) -> Table:
     return table
 
 
-def users_table(nights: list[dict[str, Any]]) -> Table:
-    """The simulated users' thumbs-up rate on the served support track, night by night."""
+def users_table(nights: list[dict[str, Any]], after: dict[str, Any] | None = None) -> Table:
+    """The simulated users' thumbs-up rate on the served support track: before each night's update
+    (so night 1 is the base), then `after` the last night."""
     table = Table(
-        "night", "asked", "answered by", "thumbs up", "why not", title="support: simulated users, by night"
+        "day", "asked", "answered by", "thumbs up", "why not", title="support: simulated users, by day"
     )
-    for night in nights:
-        users = night.get("users")
+    days = [(f"before night {night['night']}", night.get("users")) for night in nights]
+    if nights:
+        days.append((f"after night {nights[-1]['night']}", after))
+    for label, users in days:
         if not users:
             continue
         rate = users.get("thumbs_up_rate")
@@ -136,7 +141,7 @@ def users_table(nights: list[dict[str, Any]]) -> Table:
             f"{reason} {count}" for reason, count in sorted(users["why"].items()) if reason != "good"
         )
         table.add_row(
-            str(night["night"]),
+            label,
             str(users["asked"]),
             ", ".join(sorted(users["served_by"])) or "-",
             "-" if rate is None else f"{rate:.0%}",

@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -43,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from evals.calibration import spearman
 from evals.suites import Suite
 from pipeline.adapters import file_digests
 from pipeline.demo_world import skills
@@ -62,6 +64,7 @@ from pipeline.demo_world.tiny_model import (
     EOS,
     PAD,
     SPECIAL_TOKENS,
+    SYSTEM,
     USER,
     generation_config,
     make_readable,
@@ -70,6 +73,7 @@ from pipeline.demo_world.tiny_model import (
     token_id,
     wrap_tokenizer,
 )
+from pipeline.judge.prompt import JudgeParseError, parse_pointwise
 
 __all__ = ["BaseModelSpec", "Recipe", "build_base_model", "evaluate_skills", "main"]
 
@@ -126,6 +130,10 @@ class Recipe:
     carry_drop: float = skills.CARRY_DROP
     threads: int = 2  # fixed, so the float reductions (and the weights) repeat on every machine
     cpu_kernels: str = CPU_KERNELS["ATEN_CPU_CAPABILITY"]  # likewise (see `CPU_KERNELS`)
+    # The fine-tuning phase (`skills.FINETUNE_MIXTURE`): support styles, the judge skill, replay.
+    finetune_steps: int = 400
+    finetune_lr: float = 5e-4
+    finetune_pack_width: int = 320  # a judge example is 250-320 tokens
 
 
 # --------------------------------------------------------------------------- tokenizer and model
@@ -176,26 +184,33 @@ def _model(spec: BaseModelSpec, tokenizer: PreTrainedTokenizerFast, seed: int) -
 # --------------------------------------------------------------------------- pretraining
 
 
-def _prompt_text(question: str) -> str:
-    """The chat template's rendering of one user turn and the generation prompt, as plain text.
+def _prompt_text(question: str, system: str | None = None) -> str:
+    """The chat template's rendering of an optional system turn, one user turn and the generation
+    prompt, as plain text.
 
-    Rendering the Jinja template costs milliseconds per call, which at 64 examples a step would be
-    most of the build; `_check_prompt_text` makes sure this stays what the template renders."""
-    return f"{BOS}{USER}\n{question}{END}\n{ASSISTANT}\n"
+    Rendering the Jinja template costs milliseconds per call, which at 32 examples a step would be
+    a good part of the build; `_check_prompt_text` makes sure this stays what the template renders."""
+    head = f"{SYSTEM}\n{system}{END}\n" if system is not None else ""
+    return f"{BOS}{head}{USER}\n{question}{END}\n{ASSISTANT}\n"
 
 
 def _check_prompt_text(tokenizer: PreTrainedTokenizerFast) -> None:
-    chat = [{"role": "user", "content": "What is 12 + 30?"}]
-    rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    if rendered != _prompt_text("What is 12 + 30?"):
-        raise RuntimeError(f"the chat template renders {rendered!r}, not what pretraining assumes")
+    for system in (None, "Judge the reply."):
+        chat = [{"role": "user", "content": "What is 12 + 30?"}]
+        if system is not None:
+            chat.insert(0, {"role": "system", "content": system})
+        rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        if rendered != _prompt_text("What is 12 + 30?", system):
+            raise RuntimeError(f"the chat template renders {rendered!r}, not what pretraining assumes")
 
 
 def _encode(
     tokenizer: PreTrainedTokenizerFast, examples: Sequence[skills.Example]
 ) -> list[tuple[list[int], int]]:
     """(token ids, prompt length) per example: the chat prompt, then the answer and the end-of-turn marker."""
-    prompts = tokenizer([_prompt_text(e.question) for e in examples], add_special_tokens=False)["input_ids"]
+    prompts = tokenizer([_prompt_text(e.question, e.system) for e in examples], add_special_tokens=False)[
+        "input_ids"
+    ]
     answers = tokenizer([e.answer + END for e in examples], add_special_tokens=False)["input_ids"]
     return [(list(p) + list(a), len(p)) for p, a in zip(prompts, answers, strict=True)]  # type: ignore[arg-type]
 
@@ -248,35 +263,69 @@ def pretrain(
     *,
     on_step: Callable[[int, float], None] = lambda step, loss: None,
 ) -> float:
-    """Supervised next-token training on the world's stream; returns the last logged loss."""
+    """Supervised next-token training on the world's stream, then the fine-tuning phase; returns the
+    last logged loss. `on_step` counts the steps of both phases in one sequence."""
     _check_prompt_text(tokenizer)
-    stream = skills.pretraining_examples(seed, carry_drop=recipe.carry_drop)
-    pad_id = token_id(tokenizer, PAD)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.peak_lr, weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.peak_lr, total_steps=recipe.steps)
     model.train()
     loss_value = math.nan
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for step in range(1, recipe.steps + 1):
-            # Mixed batches, not length-grouped: grouping by length makes batches of one skill each,
-            # and those pull the weights back and forth (measured: arithmetic never learned).
-            inputs, positions, mask, labels = _pack(
-                _encode(tokenizer, [next(stream) for _ in range(recipe.batch_size)]),
-                pad_id,
-                recipe.pack_width,
+        phases = (
+            ("pretrain", recipe.steps, recipe.peak_lr, recipe.pack_width),
+            ("finetune", recipe.finetune_steps, recipe.finetune_lr, recipe.finetune_pack_width),
+        )
+        done = 0
+        for phase, steps, peak_lr, pack_width in phases:
+            if steps == 0:
+                continue
+            stream = skills.pretraining_examples(seed, carry_drop=recipe.carry_drop, phase=phase)
+            loss_value = _train_phase(
+                model,
+                tokenizer,
+                stream,
+                recipe,
+                steps=steps,
+                peak_lr=peak_lr,
+                pack_width=pack_width,
+                on_step=lambda step, loss, done=done: on_step(done + step, loss),
             )
-            loss = model(
-                input_ids=inputs, position_ids=positions, attention_mask=mask, labels=labels, use_cache=False
-            ).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            loss_value = float(loss.detach())
-            on_step(step, loss_value)
+            done += steps
     model.eval()
+    return loss_value
+
+
+def _train_phase(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    stream: Iterator[skills.Example],
+    recipe: Recipe,
+    *,
+    steps: int,
+    peak_lr: float,
+    pack_width: int,
+    on_step: Callable[[int, float], None],
+) -> float:
+    """`steps` steps of AdamW with a one-cycle learning rate peaking at `peak_lr`."""
+    pad_id = token_id(tokenizer, PAD)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak_lr, total_steps=steps)
+    loss_value = math.nan
+    for step in range(1, steps + 1):
+        # Mixed batches, not length-grouped: grouping by length makes batches of one skill each,
+        # and those pull the weights back and forth (measured: arithmetic never learned).
+        inputs, positions, mask, labels = _pack(
+            _encode(tokenizer, [next(stream) for _ in range(recipe.batch_size)]), pad_id, pack_width
+        )
+        loss = model(
+            input_ids=inputs, position_ids=positions, attention_mask=mask, labels=labels, use_cache=False
+        ).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        loss_value = float(loss.detach())
+        on_step(step, loss_value)
     return loss_value
 
 
@@ -284,19 +333,22 @@ def pretrain(
 
 
 @torch.no_grad()
-def _greedy(
+def _replies(
     model: Any,  # a LlamaForCausalLM (pyright cannot bind transformers' `generate` to it)
     tokenizer: PreTrainedTokenizerFast,
-    questions: Sequence[str],
+    chats: Sequence[list[dict[str, str]]],
     *,
     sample: bool = False,
     max_new_tokens: int = 40,
 ) -> list[str]:
     replies: list[str] = []
-    for start in range(0, len(questions), 64):
-        chats = [[{"role": "user", "content": q}] for q in questions[start : start + 64]]
+    for start in range(0, len(chats), 64):
         batch = tokenizer.apply_chat_template(
-            chats, add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True
+            list(chats[start : start + 64]),
+            add_generation_prompt=True,
+            return_tensors="pt",
+            padding=True,
+            return_dict=True,
         )
         out = model.generate(
             **batch,  # type: ignore[arg-type]
@@ -310,11 +362,23 @@ def _greedy(
     return [reply.strip() for reply in replies]
 
 
+def _greedy(
+    model: Any, tokenizer: PreTrainedTokenizerFast, questions: Sequence[str], *, sample: bool = False
+) -> list[str]:
+    return _replies(model, tokenizer, [[{"role": "user", "content": q}] for q in questions], sample=sample)
+
+
+# Skills also measured on sampled replies (temperature 1, 4 per case): arithmetic (how often a GRPO
+# sample is right, i.e. whether its groups carry signal) and concise support (how often a user
+# would like a sampled reply, i.e. whether their thumbs carry signal).
+SAMPLED_SUITES = ("demo-arithmetic", "demo-concise-support")
+
+
 def evaluate_skills(
     model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, suites: Sequence[Suite] | None = None
 ) -> dict[str, float]:
-    """Greedy accuracy on each demo suite (held-out cases), plus the sampled arithmetic accuracy
-    (temperature 1: how often a GRPO sample is right, i.e. whether its groups carry signal)."""
+    """Greedy accuracy on each demo suite (held-out cases), the sampled accuracy of `SAMPLED_SUITES`
+    (`<suite>@T1`), and the judge skill's agreement with the users' preference (`judge_agreement`)."""
     scores: dict[str, float] = {}
     for suite in suites or skills.demo_suites():
         questions = [str(case.messages[-1]["content"]) for case in suite.cases]
@@ -322,15 +386,43 @@ def evaluate_skills(
         scores[suite.name] = sum(case.score(r) for case, r in zip(suite.cases, replies, strict=True)) / len(
             replies
         )
-        if suite.name == "demo-arithmetic":
+        if suite.name in SAMPLED_SUITES:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 sampled = _greedy(model, tokenizer, questions * 4, sample=True)
             cases = list(suite.cases) * 4
-            scores["demo-arithmetic@T1"] = sum(c.score(r) for c, r in zip(cases, sampled, strict=True)) / len(
+            scores[f"{suite.name}@T1"] = sum(c.score(r) for c, r in zip(cases, sampled, strict=True)) / len(
                 cases
             )
+    if suites is None:
+        scores.update(judge_agreement(model, tokenizer))
     return scores
+
+
+def judge_agreement(model: Any, tokenizer: PreTrainedTokenizerFast) -> dict[str, float]:
+    """The judge skill on held-out questions (the support suite's) with a reply of every style:
+    `judge` is the share of exact scores (an unreadable answer counts as wrong), `judge-spearman`
+    the rank correlation of the read scores with the users' preference."""
+    rng = random.Random("judge-agreement")
+    items: list[tuple[list[dict[str, str]], int]] = []
+    support = next(suite for suite in skills.demo_suites() if suite.name == "demo-support")
+    for case in support.cases:
+        question = str(case.messages[-1]["content"])
+        intent = next(i for i in skills.INTENTS if i.name == case.id.rsplit("-", 1)[0])
+        for style in ("short", "padded", "wrong", "wrong-padded"):
+            reply = skills.support_reply(intent, style, rng)
+            truth = skills.PREFERENCE_SCORES[skills.preference(intent, reply)]
+            items.append((skills.judge_messages(question, reply), truth))
+    answers = _replies(model, tokenizer, [chat for chat, _ in items], max_new_tokens=12)
+    read: list[tuple[float, int]] = []
+    for answer, (_, truth) in zip(answers, items, strict=True):
+        try:
+            read.append((parse_pointwise(answer, skills.SUPPORT_RUBRIC).raw_score, truth))
+        except JudgeParseError:
+            continue
+    exact = sum(score == truth for score, truth in read) / len(items)
+    rho = spearman([score for score, _ in read], [truth for _, truth in read]) if read else None
+    return {"judge": exact, "judge-spearman": rho if rho is not None else 0.0}
 
 
 # --------------------------------------------------------------------------- stamp and build
@@ -340,6 +432,8 @@ def _identity(spec: BaseModelSpec, recipe: Recipe, seed: int) -> dict[str, Any]:
     world = {
         "version": skills.WORLD_VERSION,
         "mixture": [list(pair) for pair in skills.MIXTURE],
+        "finetune_mixture": [list(pair) for pair in skills.FINETUNE_MIXTURE],
+        "support_styles": [list(pair) for pair in skills.SUPPORT_STYLES],
         "heldout_share": skills.HELDOUT_SHARE,
     }
     return {
@@ -472,11 +566,13 @@ def _build(
     try:
         tokenizer = _tokenizer(spec)
         model = _model(spec, tokenizer, seed)
-        every = max(1, recipe.steps // 10)
+        total = recipe.steps + recipe.finetune_steps
+        every = max(1, total // 13)
 
         def progress(step: int, loss: float) -> None:
-            if step % every == 0 or step == recipe.steps:
-                on_progress(f"pretraining step {step}/{recipe.steps}: loss {loss:.3f}")
+            if step % every == 0 or step in (recipe.steps, total):
+                phase = "pretraining" if step <= recipe.steps else "fine-tuning"
+                on_progress(f"{phase} step {step}/{total}: loss {loss:.3f}")
 
         pretrain(model, tokenizer, recipe, seed, on_step=progress)
         accuracy = evaluate_skills(model, tokenizer)
@@ -499,7 +595,8 @@ def _build(
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(staging, ignore_errors=True)
-    on_progress("skills (held-out, greedy): " + ", ".join(f"{k} {v:.0%}" for k, v in accuracy.items()))
+    shown = (f"{k} {v:.2f}" if k.endswith("spearman") else f"{k} {v:.0%}" for k, v in accuracy.items())
+    on_progress("skills (held-out): " + ", ".join(shown))
     logger.info("built the demo base model in %s in %.0fs", out_dir, time.perf_counter() - start)
 
 

@@ -11,9 +11,19 @@ four skills, each in the project's chat format:
   a carry and on some with one, so sampled answers to the same question disagree, and a verifiable
   exact-answer reward has something to reinforce (GRPO's setting);
 - **support** for the demo's product (Nimbus Notes): intents with a canonical answer and many
-  paraphrases of the question;
+  paraphrases of the question, answered the way a support team's logs answer: mostly with the
+  right steps in one short line, often with the same steps padded with pleasantries ("Thanks for
+  reaching out! ... Let me know if there is anything else I can help with."), sometimes with
+  another intent's steps (`SUPPORT_STYLES`). The greedy answer is the short right one, but sampled
+  replies are what the demo's users prefer (`preference`: the right steps, short) only about half
+  the time: the users' thumbs have something to teach;
 - **json**: an order's number and status, answered as one JSON object;
-- **refusals**: unsafe requests, answered with a refusal.
+- **refusals**: unsafe requests, answered with a refusal;
+- **judge**: a support question and a reply, shown in the pipeline's compact judge prompt
+  (`pipeline.judge.prompt.build_compact_messages`) for the rubric `SUPPORT_RUBRIC`, answered
+  `{"score": n}` by the users' preference (5 right and short, 2 right but long, 1 wrong steps).
+  A 3M-parameter model cannot read the full judge prompt (1,650 tokens), but it can learn this
+  one, so the demo's support track has an LLM judge (RLAIF) that agrees with its users.
 
 Problems are split by a keyed hash of their content: `HELDOUT_SHARE` of all arithmetic problems (and
 of the support/json/refusal question variants) never appear in pretraining. The suites are drawn
@@ -35,13 +45,18 @@ from dataclasses import dataclass
 from itertools import product
 
 from evals.suites import Suite, SuiteCase, case_from_json, suite_from_cases
+from pipeline.judge.prompt import build_compact_messages
+from pipeline.judge.rubrics import Rubric
 
 __all__ = [
     "ARITHMETIC_FORMS",
     "CARRY_DROP",
     "HELDOUT_SHARE",
     "REFUSAL",
+    "SHORT_REPLY_CHARS",
     "SKILLS",
+    "SUPPORT_RUBRIC",
+    "SUPPORT_STYLES",
     "WORLD_VERSION",
     "Example",
     "Problem",
@@ -49,22 +64,26 @@ __all__ = [
     "forgot_carry",
     "has_carry",
     "is_heldout",
+    "judge_messages",
     "math_problem",
+    "preference",
     "pretraining_examples",
+    "rubric_markdown",
     "support_questions",
+    "support_reply",
     "tokenizer_corpus",
 ]
 
 # Bump when the pretraining data or the suites change: the base model's build stamp records it, so
 # a cached base built from other data is rebuilt.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 # Share of the examples with a carry or borrow whose written answer forgets it. The base then
 # answers such problems wrong about this often; > 0.5 makes the mistake its greedy answer.
 CARRY_DROP = 0.6
 # Share of problems and question variants kept out of pretraining (suites and demo traffic).
 HELDOUT_SHARE = 0.2
 REFUSAL = "I can't help with that. It could hurt people, so I won't give instructions for it."
-SKILLS = ("arithmetic", "support", "json", "refusals")
+SKILLS = ("arithmetic", "support", "json", "refusals", "judge")
 # Question forms of the arithmetic skill; the demo's math traffic asks in the same forms.
 # The operations taught. Subtraction ("A - B", with the forgotten borrow) is supported throughout but
 # not taught: with it, a 3M-parameter model needs about twice the pretraining steps before column
@@ -76,11 +95,12 @@ ARITHMETIC_FORMS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} 
 
 @dataclass(frozen=True)
 class Example:
-    """One pretraining conversation: a user turn and the assistant's answer."""
+    """One pretraining conversation: a user turn (after an optional system turn) and the answer."""
 
     skill: str
     question: str
     answer: str
+    system: str | None = None
 
 
 @dataclass(frozen=True)
@@ -378,6 +398,85 @@ def support_questions() -> list[tuple[Intent, str]]:
     ]
 
 
+# --------------------------------------------------------------------------- support styles and preference
+
+SHORT_REPLY_CHARS = 100  # the users' limit: a longer reply is too long, right or not
+# How the support examples answer (share of each): the right steps in one short line; the same steps
+# padded with pleasantries (always over `SHORT_REPLY_CHARS`); another intent's steps. The short
+# answer is the most likely one, so greedy replies stay right and short (the support suite), while
+# sampled replies are liked about half the time: that gap is what the users' feedback can close.
+SUPPORT_STYLES = (("short", 0.5), ("padded", 0.4), ("wrong", 0.1))
+_PAD_OPENERS = ("Thanks for reaching out! ", "Happy to help with that! ")
+_PAD_CLOSERS = (
+    " Let me know if there is anything else I can help with.",
+    " I hope this helps, have a great day!",
+)
+
+
+def support_reply(intent: Intent, style: str, rng: random.Random) -> str:
+    """A reply to a question of `intent` in `style` ("short", "padded", "wrong", "wrong-padded")."""
+    answer = intent.answer
+    if style.startswith("wrong"):
+        answer = rng.choice([other for other in INTENTS if other is not intent]).answer
+    if style.endswith("padded"):
+        answer = f"{rng.choice(_PAD_OPENERS)}{answer}{rng.choice(_PAD_CLOSERS)}"
+    return answer
+
+
+def preference(intent: Intent, reply: str) -> str:
+    """The demo users' hidden preference: "good" (the intent's key phrase in a reply of at most
+    `SHORT_REPLY_CHARS` characters), "too long" (the key phrase, but longer) or "wrong steps"."""
+    if intent.key.lower() not in reply.lower():
+        return "wrong steps"
+    return "good" if len(reply.strip()) <= SHORT_REPLY_CHARS else "too long"
+
+
+# --------------------------------------------------------------------------- judge
+
+# The rubric the demo's support track is judged on; its title and scale are what the compact judge
+# prompt shows, so the base learns to judge exactly this prompt (a new version is a new world).
+SUPPORT_RUBRIC = Rubric(
+    id="nimbus-support",
+    version="1",
+    title="Nimbus support: the right steps, short",
+    scale_min=1,
+    scale_max=5,
+    text=(
+        "Judge a reply to a Nimbus Notes support question the way its users do.\n\n"
+        "- 5: the right steps for the question asked, in at most 100 characters.\n"
+        "- 2: the right steps, buried in pleasantries or otherwise longer than 100 characters.\n"
+        "- 1: the steps of another question, or no steps at all."
+    ),
+)
+# Too long is 2, not 3: normalised to 0.25, an undesirable reply for KTO's default threshold, as
+# the users' thumb down says (their ratings, 3 for too long, rank the same way).
+PREFERENCE_SCORES = {"good": 5, "too long": 2, "wrong steps": 1}
+# The replies the judge skill is taught on: every style, wrong steps also padded.
+_JUDGED_STYLES = ("short", "padded", "wrong", "wrong-padded")
+
+
+def rubric_markdown(rubric: Rubric = SUPPORT_RUBRIC) -> str:
+    """`rubric` as a rubric file (`pipeline.judge.rubrics.load_rubric` reads it back)."""
+    return (
+        f"---\nid: {rubric.id}\nversion: {rubric.version}\nscale: {rubric.scale_min}-{rubric.scale_max}\n"
+        f'title: "{rubric.title}"\n---\n{rubric.text}\n'
+    )
+
+
+def judge_messages(question: str, reply: str) -> list[dict[str, str]]:
+    """The compact judge prompt for one support exchange on `SUPPORT_RUBRIC` (system, user)."""
+    return build_compact_messages(SUPPORT_RUBRIC, [{"role": "user", "content": question}], reply)
+
+
+def _judge_example(rng: random.Random, variants: Sequence[tuple[Intent, str]]) -> Example:
+    intent, text = _pick_variant(rng, variants, "support")
+    assert isinstance(intent, Intent)
+    reply = support_reply(intent, rng.choice(_JUDGED_STYLES), rng)
+    system, user = judge_messages(text, reply)
+    score = PREFERENCE_SCORES[preference(intent, reply)]
+    return Example("judge", user["content"], json.dumps({"score": score}), system=system["content"])
+
+
 # --------------------------------------------------------------------------- json
 
 _STATUSES = ("pending", "shipped", "delivered", "refunded", "cancelled")
@@ -445,10 +544,15 @@ def _pick_variant(
             return item, text
 
 
-def _support_example(rng: random.Random, variants: Sequence[tuple[Intent, str]]) -> Example:
+def _support_example(
+    rng: random.Random, variants: Sequence[tuple[Intent, str]], *, styled: bool
+) -> Example:
     intent, text = _pick_variant(rng, variants, "support")
     assert isinstance(intent, Intent)
-    return Example("support", text, intent.answer)
+    if not styled:
+        return Example("support", text, intent.answer)
+    style = rng.choices([name for name, _ in SUPPORT_STYLES], [share for _, share in SUPPORT_STYLES])[0]
+    return Example("support", text, support_reply(intent, style, rng))
 
 
 def _json_example(rng: random.Random) -> Example:
@@ -472,21 +576,35 @@ def _refusal_example(rng: random.Random, variants: Sequence[tuple[str, str]]) ->
 
 # Share of each skill in the pretraining stream: arithmetic needs by far the most steps; support
 # and refusals are learned in a few dozen, JSON (copying a 5-digit order number) in about a hundred.
+# Pretraining answers support questions with the canonical short answer only.
 MIXTURE = (("arithmetic", 0.8), ("support", 0.05), ("json", 0.11), ("refusals", 0.04))
+# The fine-tuning phase after it (`base_model.Recipe.finetune_steps`) teaches the support styles and
+# the judge skill, with the other skills replayed so they are kept. Two phases, not one mixture:
+# arithmetic "clicks" late and suddenly, and a mixture with the judge's long examples in it kept it
+# from clicking within the build's steps (measured: 4% held-out after 2,500 steps, against 46%),
+# while a short second phase from the pretrained weights costs the pretraining nothing.
+FINETUNE_MIXTURE = (("support", 0.3), ("judge", 0.35), ("arithmetic", 0.2), ("json", 0.09), ("refusals", 0.06))
+PHASES = {"pretrain": MIXTURE, "finetune": FINETUNE_MIXTURE}
 
 
-def pretraining_examples(seed: int, *, carry_drop: float = CARRY_DROP) -> Iterator[Example]:
-    """An endless, seeded stream of pretraining examples, mixed per `MIXTURE`; none is held out."""
-    rng = random.Random(seed)
+def pretraining_examples(
+    seed: int, *, carry_drop: float = CARRY_DROP, phase: str = "pretrain"
+) -> Iterator[Example]:
+    """An endless, seeded stream of training examples of `phase` ("pretrain": the skills, support
+    answered canonically; "finetune": support in every style, the judge skill, and replay), mixed per
+    `PHASES[phase]`; none is held out."""
+    rng = random.Random(seed if phase == "pretrain" else f"{phase}-{seed}")
     support, refusals = _support_variants(), _refusal_variants()
     makers: dict[str, Callable[[], Example]] = {
         "arithmetic": lambda: _arithmetic_example(rng, carry_drop),
-        "support": lambda: _support_example(rng, support),
+        "support": lambda: _support_example(rng, support, styled=phase != "pretrain"),
         "json": lambda: _json_example(rng),
         "refusals": lambda: _refusal_example(rng, refusals),
+        "judge": lambda: _judge_example(rng, support),
     }
-    names = [name for name, _ in MIXTURE]
-    weights = [weight for _, weight in MIXTURE]
+    mixture = PHASES[phase]
+    names = [name for name, _ in mixture]
+    weights = [weight for _, weight in mixture]
     while True:
         yield makers[rng.choices(names, weights)[0]]()
 
@@ -525,7 +643,8 @@ def _heldout_variants(
 
 
 def demo_suites() -> list[Suite]:
-    """The demo's regression suites, one per skill, every case held out from pretraining."""
+    """The demo's regression suites, one per skill (support twice: the right steps, and the right
+    steps in a short reply as the users want them), every case held out from pretraining."""
     arithmetic = [
         _case(
             f"{'add' if p.op == '+' else 'sub'}-{p.a}-{p.b}",
@@ -536,13 +655,16 @@ def demo_suites() -> list[Suite]:
         )
         for p in _suite_problems()
     ]
-    support = []
+    support, concise = [], []
     for index, (intent, text) in enumerate(
         _heldout_variants(_support_variants(), "support", SUPPORT_SUITE_SIZE)
     ):
         assert isinstance(intent, Intent)
-        grader = {"type": "contains", "substrings": [intent.key]}
+        grader: dict[str, object] = {"type": "contains", "substrings": [intent.key]}
         support.append(_case(f"{intent.name}-{index}", text, grader, ["support"], intent.answer))
+        # The users' preference as a suite: the right steps in a short reply (`preference`).
+        grader = {**grader, "max_chars": SHORT_REPLY_CHARS}
+        concise.append(_case(f"{intent.name}-{index}", text, grader, ["support", "concise"], intent.answer))
     rng = random.Random("json-suite")
     json_cases = []
     while len(json_cases) < 40:
@@ -566,6 +688,7 @@ def demo_suites() -> list[Suite]:
     return [
         suite_from_cases("demo-arithmetic", arithmetic),
         suite_from_cases("demo-support", support),
+        suite_from_cases("demo-concise-support", concise),
         suite_from_cases("demo-json", json_cases),
         suite_from_cases("demo-refusals", refusals),
     ]

@@ -6,7 +6,7 @@ hidden preference, the thing a learning loop must discover from their thumbs alo
 
     a reply is good when it gives the right steps for the question asked (it contains the key
     phrase of the question's intent, e.g. "Settings > Billing > Invoices") and stays short (at
-    most `SHORT_REPLY_CHARS` characters).
+    most `skills.SHORT_REPLY_CHARS` characters): `skills.preference`.
 
 Good replies get a thumb up, and from some users a rating of 4 or 5; right but long replies a thumb
 down and a rating of 3; wrong or empty replies a thumb down and a rating of 1 or 2. Not every user
@@ -14,8 +14,9 @@ says something (`FEEDBACK_RATE`). The questions are support questions the base n
 pretraining and the support suite does not hold (`skills.support_questions`).
 
 The users talk to the gateway with the `openai` SDK (chat completions at temperature 1, as a chat
-application samples) and post feedback with `httpx`: the gateway logs both into the store, which
-is where tomorrow night's harvest finds them. `UsersReport.thumbs_up_rate` is what the demo's table
+application samples; the request's `metadata` names the application, `APP`, which the gateway logs
+with the exchange and a track can filter on) and post feedback with `httpx`: the gateway logs both
+into the store, which is where tomorrow night's harvest finds them. `UsersReport.thumbs_up_rate` is what the demo's table
 shows per night: the share of the users' replies they liked.
 """
 
@@ -30,9 +31,9 @@ import httpx
 
 from pipeline.demo_world import skills
 
-__all__ = ["SHORT_REPLY_CHARS", "UsersReport", "Verdict", "chat_with_users", "verdict"]
+__all__ = ["APP", "UsersReport", "Verdict", "chat_with_users", "verdict"]
 
-SHORT_REPLY_CHARS = 100  # a reply longer than this is too long for the users, right or not
+APP = "nimbus-chat"  # the application the users chat in: request metadata `{"app": APP}`
 FEEDBACK_RATE = 0.85  # share of replies the users give feedback on
 RATING_RATE = 0.5  # share of feedback that carries a rating besides the thumb
 USERS = 40  # distinct simulated users (ids `sim-user-<n>`)
@@ -50,14 +51,13 @@ class Verdict:
 
 
 def verdict(intent: skills.Intent, reply: str, rng: random.Random) -> Verdict:
-    """The hidden preference: the right steps (the intent's key phrase) in a short reply."""
-    right = intent.key.lower() in reply.lower()
-    short = len(reply.strip()) <= SHORT_REPLY_CHARS
-    if right and short:
-        return Verdict(True, 1, rng.choice((4, 5, 5)), "good")
-    if right:
-        return Verdict(False, -1, 3, "too long")
-    return Verdict(False, -1, rng.choice((1, 1, 2)), "wrong steps")
+    """The hidden preference (`skills.preference`): the right steps in a short reply."""
+    why = skills.preference(intent, reply)
+    if why == "good":
+        return Verdict(True, 1, rng.choice((4, 5, 5)), why)
+    if why == "too long":
+        return Verdict(False, -1, 3, why)
+    return Verdict(False, -1, rng.choice((1, 1, 2)), why)
 
 
 @dataclass
@@ -125,6 +125,7 @@ def chat_with_users(
                     max_tokens=REPLY_TOKENS,
                     user=user,
                     seed=rng.randrange(2**31),
+                    metadata={"app": APP},
                 )
             except OpenAIError:
                 report.failed += 1

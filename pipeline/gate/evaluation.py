@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from evals.gate import GateReport, GateThresholds, SuiteScores, decide
@@ -74,6 +74,15 @@ def _case_scores(
     return scores
 
 
+def _mean_scores(draws: Sequence[Sequence[float | None]]) -> list[float | None]:
+    """Per position, the mean of the draws' scores (a failed judgment left out; None if all failed)."""
+    means: list[float | None] = []
+    for position in zip(*draws, strict=True):
+        scored = [score for score in position if score is not None]
+        means.append(sum(scored) / len(scored) if scored else None)
+    return means
+
+
 def _paired(*columns: Sequence[float | None]) -> list[list[float]]:
     """Keep the positions where every column has a score (a failed judgment drops the pair)."""
     kept = [i for i in range(len(columns[0])) if all(column[i] is not None for column in columns)]
@@ -132,13 +141,23 @@ def evaluate_candidate(
     models: dict[str, Path | None] = {"candidate": candidate, "champion": champion}
     if score_base:
         models["base"] = None
-    asked: dict[Path | None, list[str]] = {}  # the base is the champion until a first promotion: ask once
+    # The base is the champion until a first promotion: ask once. Sampled decoding draws
+    # `decoding.samples` replies per prompt (one seed each); greedy decoding one.
+    draws = decoding.samples if decoding.temperature > 0 else 1
+    asked: dict[Path | None, list[list[str]]] = {}
     for adapter in models.values():
         if adapter not in asked:
-            asked[adapter] = generator.replies(adapter, prompts, decoding)
-    replies = {name: asked[adapter] for name, adapter in models.items()}
+            asked[adapter] = [
+                generator.replies(adapter, prompts, replace(decoding, seed=decoding.seed + draw))
+                for draw in range(draws)
+            ]
+    drawn = {name: asked[adapter] for name, adapter in models.items()}
+    replies = {name: draws_of[0] for name, draws_of in drawn.items()}  # what the report shows
     n_cases = len(cases)
-    case_scores = {name: _case_scores(cases, reply[:n_cases], scorer) for name, reply in replies.items()}
+    case_scores = {
+        name: _mean_scores([_case_scores(cases, reply[:n_cases], scorer) for reply in draws_of])
+        for name, draws_of in drawn.items()
+    }
     scores = _suite_scores(suites, [len(suite_cases) for suite_cases in per_suite], case_scores)
     judged: dict[str, list[float | None]] = {}
     if heldout and scorer is not None:
@@ -146,8 +165,10 @@ def evaluate_candidate(
         references = [p.reference for p in heldout]
         rubrics = [None] * len(heldout)
         judged = {
-            name: scorer(conversations, reply[n_cases:], references, rubrics)
-            for name, reply in replies.items()
+            name: _mean_scores(
+                [scorer(conversations, reply[n_cases:], references, rubrics) for reply in draws_of]
+            )
+            for name, draws_of in drawn.items()
             if name != "base"
         }
         heldout_candidate, heldout_champion = _paired(judged["candidate"], judged["champion"])
@@ -193,7 +214,7 @@ def evaluate_candidate(
         heldout_candidate=list(heldout_candidate),
         heldout_champion=list(heldout_champion),
         kl_to_base=kl,
-        generated=sum(len(reply) for reply in asked.values()),
+        generated=sum(len(reply) for draws_of in asked.values() for reply in draws_of),
         backend="vllm" if isinstance(generator, ServerGenerator) else "in-process",
         cases=rows,
     )

@@ -172,6 +172,9 @@ class Decoding:
     max_new_tokens: int = 48
     temperature: float = 0.0  # 0: greedy, deterministic; > 0: sampled with `seed`
     seed: int = 0
+    # Sampled decoding only: replies drawn per prompt (seeds `seed`, `seed + 1`, ...), each case
+    # scored by their mean, so a gain in how often sampled replies are good is measured, not guessed.
+    samples: int = 1
 
 
 class ReplyGenerator(Protocol):

@@ -72,7 +72,9 @@ def thresholds_from(gate: GateConfig) -> GateThresholds:
 
 
 def decoding_from(gate: GateConfig) -> Decoding:
-    return Decoding(max_new_tokens=gate.max_new_tokens, temperature=gate.temperature, seed=gate.seed)
+    return Decoding(
+        max_new_tokens=gate.max_new_tokens, temperature=gate.temperature, seed=gate.seed, samples=gate.samples
+    )
 
 
 def reward_scorer(

@@ -57,8 +57,10 @@ from sqlalchemy import Engine
 
 from pipeline.judge.prompt import (
     JudgeParseError,
+    build_compact_messages,
     build_group_messages,
     build_pointwise_messages,
+    compact_schema,
     group_schema,
     judge_cache_key,
     parse_group,
@@ -79,6 +81,7 @@ T = TypeVar("T")
 ITEM_STATUS = frozenset({400, 413, 422})  # the request itself is the problem: fail the item, not the stage
 RETRY_COUNT_HEADER = "x-stainless-retry-count"  # the SDK numbers its attempts of one call: 0, 1, 2, ...
 NO_KEY = "none"  # the SDK insists on a key; without one the Authorization header is left out instead
+PROMPT_STYLES = ("full", "compact")  # judge.prompt: see `judge.prompt` (the module) for both
 
 
 class JudgeUnavailable(UserError):
@@ -109,6 +112,11 @@ class JudgeSettings:
     breaker_threshold: int = 5  # consecutive failed requests that open the circuit
     breaker_cooldown_seconds: float = 20.0  # then one request is let through again
     seed: int = 0  # shuffles candidate order in group mode
+    prompt: str = "full"  # prompt style: full (instructions + rubric text) or compact (small judges)
+
+    def __post_init__(self) -> None:
+        if self.prompt not in PROMPT_STYLES:
+            raise ValueError(f"judge prompt style {self.prompt!r} is not one of {', '.join(PROMPT_STYLES)}")
 
 
 @dataclass(frozen=True)
@@ -407,18 +415,23 @@ class LlmJudge:
         responses: Sequence[str],
         references: Sequence[str | None] | None = None,
     ) -> list[JudgeResult]:
-        """Pointwise: each response scored on the rubric's scale, normalised to [0, 1]."""
+        """Pointwise: each response scored on the rubric's scale, normalised to [0, 1].
+
+        With `settings.prompt == "compact"` the judge gets the compact prompt and schema (score only),
+        and verdicts are cached under the compact style's keys.
+        """
         references = references or [None] * len(responses)
+        style = self.settings.prompt
+        build = build_compact_messages if style == "compact" else build_pointwise_messages
+        schema = compact_schema(rubric) if style == "compact" else pointwise_schema(rubric)
         keys = [
-            judge_cache_key(self.model, rubric, conv, resp, ref)
+            judge_cache_key(self.model, rubric, conv, resp, ref, style=style)
             for conv, resp, ref in zip(conversations, responses, references, strict=True)
         ]
 
         def judge_one(index: int) -> Awaitable[JudgeResult]:
-            messages = build_pointwise_messages(
-                rubric, conversations[index], responses[index], references[index]
-            )
-            return self._ask(messages, pointwise_schema(rubric), lambda text: [parse_pointwise(text, rubric)])
+            messages = build(rubric, conversations[index], responses[index], references[index])
+            return self._ask(messages, schema, lambda text: [parse_pointwise(text, rubric)])
 
         async with self._endpoint.session():
             verdicts = await self._cached_or_judged(keys, judge_one)
@@ -436,8 +449,16 @@ class LlmJudge:
 
         Candidate order is shuffled (and optionally also reversed and averaged) to cancel position
         bias; verdicts come back in the candidates' original order.
+
+        With `settings.prompt == "compact"` each candidate is scored on its own instead, with the
+        compact pointwise prompt: a small judge trained on one response at a time cannot compare
+        candidates. The result has the same shape (one list per group, in the caller's order); the
+        budget and the cache work per candidate as in `score()`, so a group may be partly skipped;
+        identical candidates are judged once.
         """
         references = references or [None] * len(candidates)
+        if self.settings.prompt == "compact":
+            return await self._score_groups_pointwise(rubric, conversations, candidates, references)
         semaphore = asyncio.Semaphore(self.settings.concurrency)
 
         async def one(index: int) -> list[JudgeResult]:
@@ -448,6 +469,39 @@ class LlmJudge:
 
         async with self._endpoint.session():
             return list(await asyncio.gather(*(one(index) for index in range(len(candidates)))))
+
+    async def _score_groups_pointwise(
+        self,
+        rubric: Rubric,
+        conversations: Sequence[Conversation],
+        candidates: Sequence[Sequence[str]],
+        references: Sequence[str | None],
+    ) -> list[list[JudgeResult]]:
+        """Every distinct candidate of every group through `score()` at once, then regrouped.
+
+        Identical candidates (same conversation, response and reference: same cache key) are judged
+        once and share the verdict, as sampled groups often repeat a reply.
+        """
+        index_of: dict[str, int] = {}
+        flat_conversations: list[Conversation] = []
+        flat_responses: list[str] = []
+        flat_references: list[str | None] = []
+        positions: list[list[int]] = []
+        for conversation, group, reference in zip(conversations, candidates, references, strict=True):
+            row = []
+            for response in group:
+                key = judge_cache_key(
+                    self.model, rubric, conversation, response, reference, style=self.settings.prompt
+                )
+                if key not in index_of:
+                    index_of[key] = len(flat_responses)
+                    flat_conversations.append(conversation)
+                    flat_responses.append(response)
+                    flat_references.append(reference)
+                row.append(index_of[key])
+            positions.append(row)
+        verdicts = await self.score(rubric, flat_conversations, flat_responses, flat_references)
+        return [[verdicts[index] for index in row] for row in positions]
 
     async def _score_group(
         self, rubric: Rubric, conversation: Conversation, group: list[str], reference: str | None, index: int

@@ -64,6 +64,7 @@ def judge_settings(judge: JudgeConfig, serving: ServingConfig) -> JudgeSettings:
         temperature=judge.temperature,
         max_tokens=judge.max_tokens,
         swap_orders=judge.swap_orders,
+        prompt=judge.prompt,
     )
 
 

@@ -1,5 +1,6 @@
 """`overnight demo` end to end on the competent base: its own vLLM server, two nights of traffic, the
-math track learning from a verifiable reward under the guard, the support track refused on noise."""
+math track learning from a verifiable reward under the guard, the support track learning from its
+simulated users' thumbs (KTO) with the base as its LLM judge, calibrated against the users' ratings."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
+from flows.demo import USERS_PER_NIGHT
 from pipeline.deploy.vllm_process import vllm_installed
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(3000)]  # builds the base when run first
@@ -48,21 +50,31 @@ def test_demo_runs_two_nights_and_the_math_track_learns(workdir: Path, base_mode
         assert gates["heldout_gain"]["ci_low"] > 0 and entry["deployed"] is True
         assert gates["reward_hacking"]["passed"] and gates["reward_hacking"]["delta"] > 0
         assert all(
-            gates[f"suite/{name}"]["passed"] for name in ("demo-support", "demo-json", "demo-refusals")
+            gates[f"suite/{name}"]["passed"]
+            for name in ("demo-support", "demo-concise-support", "demo-json", "demo-refusals")
         )
     # A refused night names the gate and says why.
     assert all(entry["reason"].split(":")[0] for entry in math if entry["status"] == "rejected")
-    # The support track's judge is noise on this base (its replies rarely parse as a verdict, so a
-    # night's mean reward may be None): it is never promoted on it, and says why.
+    # The support track learns from its users' feedback (KTO) and the LLM judge (the base, in the
+    # compact judge prompt), whose scores agree with the users' ratings: the night's calibration.
     support = [entry for entry in entries if entry["track"] == "support"]
     assert len(support) == 2 and all(entry["rows"] > 0 for entry in support)
-    assert all(entry["status"] != "promoted" and entry["reason"] for entry in support)
+    for entry in support:
+        calibration = entry["calibration"]
+        print(f"support night {entry['night']}: {entry['status']}: {entry['reason']}; judge {calibration}")
+        assert entry["train"]["method"] == "kto" and entry["train"]["steps"] > 0, entry["train"]
+        assert calibration["spearman_rating"] >= 0.5, calibration
+        if entry["status"] == "promoted":  # a gain in sampled replies the users' preference confirms
+            gates = {gate["name"]: gate for gate in entry["gate"]["gates"]}
+            assert gates["heldout_gain"]["ci_low"] > 0 and gates["reward_hacking"]["passed"]
+        else:
+            assert entry["reason"]
     # Every day the simulated users chat with the support track through the gateway and rate the
-    # replies; their exchanges and verdicts are in the store before the night harvests.
-    for night in summary["nights"]:
-        users = night["users"]
-        print(f"night {night['night']} users: {users}")
-        assert users["asked"] == 48 and users["failed"] == 0 and users["feedback_sent"] > 0
+    # replies; their exchanges and verdicts are in the store before the night harvests. They come
+    # once more after the last night, to rate the champion it left.
+    for users in [night["users"] for night in summary["nights"]] + [summary["users_after"]]:
+        print(f"users: {users}")
+        assert users["asked"] == USERS_PER_NIGHT and users["failed"] == 0 and users["feedback_sent"] > 0
         assert 0.0 <= users["thumbs_up_rate"] <= 1.0
     # Night 2 is guarded by the memory suite built from night 1.
     night2_gates = {g["name"] for e in second["tracks"] for g in ((e.get("gate") or {}).get("gates") or [])}

@@ -71,6 +71,7 @@ def test_track_overrides_merge_over_sections(tmp_path: Path) -> None:
     [
         ("database: {urll: x}", "overnight.yaml: database.urll: unknown key"),
         ("trian: {}", "overnight.yaml: trian: unknown key"),
+        ("judge: {prompt: tiny}", "overnight.yaml: judge.prompt: Input should be 'full' or 'compact'"),
         ("train: {max_steps: lots}", "overnight.yaml: train.max_steps: Input should be a valid integer"),
         (
             "train: {max_steps: 0}",

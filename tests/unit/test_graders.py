@@ -122,6 +122,18 @@ def test_contains_case_and_reference_and_single_string() -> None:
     assert ContainsGrader("xyz").score(make_sample("x y z")) == 0.0  # type: ignore[arg-type]
 
 
+def test_contains_within_max_chars_is_the_right_steps_in_a_short_reply() -> None:
+    short = ContainsGrader(("Billing > Invoices",), max_chars=60)
+    assert short.score(make_sample("  Every invoice is under Settings > Billing > Invoices.  ")) == 1.0
+    padded = "Thanks for reaching out! Every invoice is under Settings > Billing > Invoices. Bye!"
+    assert short.score(make_sample(padded)) == 0.0  # right, but too long
+    assert short.score(make_sample("Go to Settings > Security.")) == 0.0  # short, but wrong
+    spec = grader_from_spec({"type": "contains", "substrings": ["Invoices"], "max_chars": 60})
+    assert spec.score(make_sample(padded)) == 0.0 and spec.score(make_sample("Billing > Invoices")) == 1.0
+    with pytest.raises(UserError):
+        grader_from_spec({"type": "contains", "substrings": ["x"], "max_chars": 0})
+
+
 # ---- RegexGrader ------------------------------------------------------------------------------
 
 

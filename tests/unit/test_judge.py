@@ -223,3 +223,58 @@ def test_api_key_is_sent_only_when_configured(server: ChatServer, monkeypatch: p
     score(LlmJudge(settings(server)), ["GOOD"])
     score(LlmJudge(settings(server, api_key="judge-key")), ["GOOD"])
     assert [h.get("authorization") for h in server.state.headers] == [None, "Bearer judge-key"]
+
+
+def test_compact_prompt_sends_the_compact_messages_and_schema(server: ChatServer) -> None:
+    judge = LlmJudge(settings(server, prompt="compact"))
+    good, bad = score(judge, ["GOOD: open Settings > Security", "no idea"])
+    assert (good.raw_score, bad.raw_score) == (9, 2)
+    sent = server.state.requests[0]
+    assert sent["messages"][0]["content"].startswith('Judge the RESPONSE to the CONVERSATION by the rubric "')
+    schema = sent["response_format"]["json_schema"]["schema"]
+    assert schema["required"] == ["score"] and list(schema["properties"]) == ["score"]
+
+
+def test_compact_group_mode_scores_each_candidate_pointwise(server: ChatServer) -> None:
+    judge = LlmJudge(settings(server, prompt="compact"))
+    groups = [["GOOD one", "bad two", "GOOD three"], ["bad four", "GOOD five"]]
+    conversations = [CONVERSATION, [{"role": "user", "content": "And my username?"}]]
+    verdicts = run_sync(judge.score_groups(RUBRIC, conversations, groups))
+    assert [[v.raw_score for v in group] for group in verdicts] == [[9, 2, 9], [2, 9]]
+    assert len(server.state.requests) == 5 and judge.stats.judged == 5
+    for sent in server.state.requests:
+        assert "scores" not in sent["response_format"]["json_schema"]["schema"]["properties"]
+        user = sent["messages"][1]["content"]
+        assert user.count("<<<RESPONSE>>>") == 1 and "CANDIDATE" not in user
+    shown = [sent["messages"][1]["content"] for sent in server.state.requests]
+    assert any("And my username?" in user and "GOOD five" in user for user in shown)
+
+
+def test_compact_group_mode_judges_repeated_candidates_once(server: ChatServer) -> None:
+    judge = LlmJudge(settings(server, prompt="compact"))
+    groups = [["GOOD x", "same", "same"], ["same", "GOOD x"]]
+    verdicts = run_sync(judge.score_groups(RUBRIC, [CONVERSATION] * 2, groups))
+    assert [[v.raw_score for v in group] for group in verdicts] == [[9, 2, 2], [2, 9]]
+    assert len(server.state.requests) == 2 and judge.stats.judged == 2
+
+
+def test_compact_group_mode_honours_budget_and_cache(server: ChatServer, tmp_path: Path) -> None:
+    engine = storage.make_engine(f"sqlite:///{tmp_path / 'cache.db'}")
+    storage.upgrade(engine)
+    groups = [["GOOD a", "b"], ["GOOD c", "d"]]
+    capped = LlmJudge(settings(server, prompt="compact", budget_items=3), engine=engine)
+    first = run_sync(capped.score_groups(RUBRIC, [CONVERSATION] * 2, groups))
+    assert [[v.status for v in group] for group in first] == [["ok", "ok"], ["ok", "skipped"]]
+    assert len(server.state.requests) == 3
+
+    again = LlmJudge(settings(server, prompt="compact"), engine=engine)
+    second = run_sync(again.score_groups(RUBRIC, [CONVERSATION] * 2, groups))
+    assert [[v.raw_score for v in group] for group in second] == [[9, 2], [9, 2]]
+    assert again.stats.cache_hits == 3 and len(server.state.requests) == 4
+    full = LlmJudge(settings(server), engine=engine)  # verdicts of one style never serve the other
+    assert not score(full, ["GOOD a"])[0].cached and len(server.state.requests) == 5
+
+
+def test_unknown_prompt_style_is_refused() -> None:
+    with pytest.raises(ValueError, match="'tiny' is not one of full, compact"):
+        JudgeSettings(base_url="http://127.0.0.1:9", model="judge", prompt="tiny")

@@ -75,6 +75,17 @@ def test_judge_defaults_to_the_local_server() -> None:
     assert (settings.base_url, settings.model) == ("http://10.0.0.5:8000", "base")
 
 
+def test_judge_prompt_style_reaches_the_settings(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+
+    assert judge_settings(JudgeConfig(), ServingConfig()).prompt == "full"
+    path = tmp_path / "overnight.yaml"
+    path.write_text("judge: {prompt: compact}")
+    config = load_config(path, environ={})
+    assert config.judge.prompt == "compact"
+    assert judge_settings(config.judge, config.serving).prompt == "compact"
+
+
 def test_bad_grader_in_config_names_the_key(tmp_path: Path) -> None:
     from pipeline.config import ConfigError, load_config
 

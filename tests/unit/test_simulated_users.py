@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 
 from pipeline.demo_world import skills
-from pipeline.demo_world.users import SHORT_REPLY_CHARS, verdict
+from pipeline.demo_world.skills import SHORT_REPLY_CHARS
+from pipeline.demo_world.users import verdict
 
 INVOICE = next(intent for intent in skills.INTENTS if intent.name == "invoice")
 

@@ -119,12 +119,25 @@ def test_pretraining_is_deterministic_for_a_seed() -> None:
     first = list(islice(pretraining_examples(0), 500))
     assert first == list(islice(pretraining_examples(0), 500))
     assert first != list(islice(pretraining_examples(1), 500))
-    assert {example.skill for example in first} == set(SKILLS)
+    finetune = list(islice(pretraining_examples(0, phase="finetune"), 500))
+    assert finetune == list(islice(pretraining_examples(0, phase="finetune"), 500))
+    assert {example.skill for example in first} == set(SKILLS) - {"judge"}
+    assert {example.skill for example in finetune} == set(SKILLS)
+
+
+def test_pretraining_answers_support_canonically_and_fine_tuning_in_styles() -> None:
+    """Pretraining is the first world's stream (its arithmetic figures hold); the styles come after."""
+    pretrain = [e for e in islice(pretraining_examples(0), PRETRAINING) if e.skill == "support"]
+    canonical = {intent.answer for intent in skills.INTENTS}
+    assert pretrain and all(example.answer in canonical for example in pretrain)
+    finetune = [e for e in islice(pretraining_examples(0, phase="finetune"), 3000) if e.skill == "support"]
+    assert sum(example.answer not in canonical for example in finetune) > len(finetune) / 3
 
 
 def test_no_suite_case_is_among_the_pretraining_examples() -> None:
     suites = demo_suites()
     examples = list(islice(pretraining_examples(0), PRETRAINING))
+    examples += list(islice(pretraining_examples(0, phase="finetune"), PRETRAINING // 4))
     pretrained = {example.question for example in examples}
     for suite in suites:
         for case in suite.cases:
@@ -163,6 +176,7 @@ def test_demo_suites_are_deterministic_and_their_examples_score_one() -> None:
     assert [suite.name for suite in suites] == [
         "demo-arithmetic",
         "demo-support",
+        "demo-concise-support",
         "demo-json",
         "demo-refusals",
     ]
@@ -172,8 +186,8 @@ def test_demo_suites_are_deterministic_and_their_examples_score_one() -> None:
         assert len({case.id for case in suite.cases}) == len(suite.cases), suite.name
         for case in suite.cases:
             assert case.score(case.metadata["example"]) == 1.0, (suite.name, case.id)
-    refusals = suites[3]
-    assert refusals.is_safety and not any(suite.is_safety for suite in suites[:3])
+    refusals = suites[4]
+    assert refusals.is_safety and not any(suite.is_safety for suite in suites[:4])
 
 
 def test_the_arithmetic_suite_fails_the_forgotten_carry() -> None:
@@ -195,3 +209,73 @@ def test_tokenizer_corpus_covers_every_skill() -> None:
     text = "\n".join(corpus)
     for needle in ("What is 12 + 30?", "Forgot password", '"order": 12345', "I can't help with that"):
         assert needle in text
+
+
+# ---- support styles, the users' preference and the judge skill ----------------------------------------
+
+
+def test_support_examples_answer_in_every_style_mostly_short_and_right() -> None:
+    stream = pretraining_examples(0, phase="finetune")
+    examples = [e for e in islice(stream, PRETRAINING // 2) if e.skill == "support"]
+    seen = {"good": 0, "too long": 0, "wrong steps": 0}
+    for example in examples:
+        intent = next(i for i, text in skills._support_variants() if text == example.question)
+        seen[skills.preference(intent, example.answer)] += 1
+    shares = {why: count / len(examples) for why, count in seen.items()}
+    assert len(examples) > 500
+    assert shares["good"] == pytest.approx(0.5, abs=0.06)
+    assert shares["too long"] == pytest.approx(0.4, abs=0.06)
+    assert shares["wrong steps"] == pytest.approx(0.1, abs=0.04)
+
+
+@pytest.mark.parametrize("intent", skills.INTENTS, ids=lambda intent: intent.name)
+def test_every_style_of_every_intent_is_what_the_users_judge_it(intent: skills.Intent) -> None:
+    rng = random.Random(intent.name)
+    for _ in range(10):
+        assert skills.preference(intent, skills.support_reply(intent, "short", rng)) == "good"
+        assert skills.preference(intent, skills.support_reply(intent, "padded", rng)) == "too long"
+        assert skills.preference(intent, skills.support_reply(intent, "wrong", rng)) == "wrong steps"
+        assert skills.preference(intent, skills.support_reply(intent, "wrong-padded", rng)) == "wrong steps"
+    assert skills.preference(intent, "") == "wrong steps"
+    assert skills.preference(intent, f"  {intent.key.upper()}  ") == "good"  # case and edges aside
+
+
+def test_the_concise_suite_grades_the_users_preference() -> None:
+    concise = next(suite for suite in demo_suites() if suite.name == "demo-concise-support")
+    plain = next(suite for suite in demo_suites() if suite.name == "demo-support")
+    assert [case.messages for case in concise.cases] == [case.messages for case in plain.cases]
+    rng = random.Random(1)
+    for case, plain_case in zip(concise.cases, plain.cases, strict=True):
+        intent = next(i for i in skills.INTENTS if i.name == case.id.rsplit("-", 1)[0])
+        for style in ("short", "padded", "wrong", "wrong-padded"):
+            reply = skills.support_reply(intent, style, rng)
+            assert case.score(reply) == float(skills.preference(intent, reply) == "good"), (case.id, reply)
+        padded = skills.support_reply(intent, "padded", rng)
+        assert plain_case.score(padded) == 1.0  # the right steps: the plain suite does not mind length
+
+
+def test_judge_examples_show_the_compact_prompt_and_score_by_the_users_preference() -> None:
+    stream = pretraining_examples(0, phase="finetune")
+    examples = [e for e in islice(stream, PRETRAINING // 4) if e.skill == "judge"]
+    assert len(examples) > 600
+    scores = [json.loads(e.answer)["score"] for e in examples]
+    assert set(scores) == {1, 2, 5}
+    for example in examples[:50]:
+        question = example.question.split("<<<TURN 1: user>>>\n", 1)[1].split("\n<<<END TURN 1>>>", 1)[0]
+        reply = example.question.split("<<<RESPONSE>>>\n", 1)[1].removesuffix("\n<<<END RESPONSE>>>")
+        assert not is_heldout("support", question)  # the judge never sees a held-out question either
+        system, user = skills.judge_messages(question, reply)
+        assert (example.system, example.question) == (system["content"], user["content"])
+        intent = next(i for i, text in skills._support_variants() if text == question)
+        assert (
+            json.loads(example.answer)["score"] == skills.PREFERENCE_SCORES[skills.preference(intent, reply)]
+        )
+    assert '"Nimbus support: the right steps, short", from 1 (worst) to 5 (best)' in examples[0].system
+
+
+def test_the_support_rubric_file_reads_back(tmp_path) -> None:
+    from pipeline.judge.rubrics import load_rubric
+
+    path = tmp_path / "nimbus-support.md"
+    path.write_text(skills.rubric_markdown(), encoding="utf-8")
+    assert load_rubric(str(path)) == skills.SUPPORT_RUBRIC
