@@ -544,9 +544,7 @@ def _pick_variant(
             return item, text
 
 
-def _support_example(
-    rng: random.Random, variants: Sequence[tuple[Intent, str]], *, styled: bool
-) -> Example:
+def _support_example(rng: random.Random, variants: Sequence[tuple[Intent, str]], *, styled: bool) -> Example:
     intent, text = _pick_variant(rng, variants, "support")
     assert isinstance(intent, Intent)
     if not styled:
@@ -583,7 +581,13 @@ MIXTURE = (("arithmetic", 0.8), ("support", 0.05), ("json", 0.11), ("refusals", 
 # arithmetic "clicks" late and suddenly, and a mixture with the judge's long examples in it kept it
 # from clicking within the build's steps (measured: 4% held-out after 2,500 steps, against 46%),
 # while a short second phase from the pretrained weights costs the pretraining nothing.
-FINETUNE_MIXTURE = (("support", 0.3), ("judge", 0.35), ("arithmetic", 0.2), ("json", 0.09), ("refusals", 0.06))
+FINETUNE_MIXTURE = (
+    ("support", 0.3),
+    ("judge", 0.35),
+    ("arithmetic", 0.2),
+    ("json", 0.09),
+    ("refusals", 0.06),
+)
 PHASES = {"pretrain": MIXTURE, "finetune": FINETUNE_MIXTURE}
 
 
