@@ -5,17 +5,18 @@ On the competent demo base (built and cached on first use), one night of the dem
 the base answered support questions it never saw in pretraining (sampled at temperature 1, as a chat
 application samples, so some replies are padded or give another question's steps) and the demo's
 simulated users rated each reply by their hidden preference, the right steps in a short reply
-(`pipeline.demo_world.users.verdict`: a thumb, and from half of them a rating). The LLM judge is the
-base itself, served by a local vLLM server and asked in the compact judge prompt on the demo's
-rubric (`skills.SUPPORT_RUBRIC`); its agreement with the night's ratings is printed first. Every
-method starts from the base with the same LoRA, learning rate, batch and step budget
-(`planted.HACK_SETTINGS`, replies up to the users' 48 tokens), each in a fresh process so that its
-peak memory is its own:
+(`pipeline.demo_world.users.verdict`: a thumb, and from half of them a rating). Two rewards are
+built from that night: a reward model fitted to the thumbs and ratings (`pipeline.train.reward_model`,
+its held-out agreement with the users printed), and the LLM judge, the base itself served by a
+local vLLM server and asked in the compact judge prompt (`judge.prompt: compact`) on the
+`concision` rubric (its agreement with the night's ratings printed too: a 3M-parameter base that
+was never taught to judge scores near chance, which is what this row shows). Every method starts
+from the base with the same LoRA, learning rate, batch and step budget (`planted.HACK_SETTINGS`,
+replies up to the users' 48 tokens), each in a fresh process so that its peak memory is its own:
   - grpo-judge: GRPO on the LLM judge (RLAIF), the judge scoring each sampled reply;
-  - grpo-rm: a reward model fitted to tonight's thumbs and ratings (`pipeline.train.reward_model`),
-    then GRPO on it alone;
+  - grpo-rm: GRPO on the reward model alone;
   - kto, dpo, sft: the feedback methods on the users' thumbs plus the base's own samples ranked by
-    the judge (`train.on_policy`), as the demo's support track does.
+    the reward model (`train.on_policy`), as the demo's support track does.
 
 Measured per method: wall seconds of the update (model loading included), peak resident memory of
 its process, steps; then on questions held out of the night: the users' thumbs-up rate on sampled
@@ -113,6 +114,9 @@ def measure(generator: InProcessGenerator, adapter: Path | None) -> dict[str, An
     return figures
 
 
+RUBRIC = "concision"
+
+
 def judge_for(url: str) -> Any:
     from pipeline.judge.client import JudgeSettings, LlmJudge
 
@@ -122,59 +126,72 @@ def judge_for(url: str) -> Any:
 def calibration(url: str, night: list[TrainPrompt], feedback: list[dict[str, Any]]) -> dict[str, Any]:
     """The judge's agreement with the night's users: Spearman with ratings, thumb accuracy."""
     from pipeline.judge.client import run_sync
+    from pipeline.judge.rubrics import load_rubric
 
     judge = judge_for(url)
     verdicts = run_sync(
-        judge.score(skills.SUPPORT_RUBRIC, [p.messages for p in night], [p.response or "" for p in night])
+        judge.score(load_rubric(RUBRIC), [p.messages for p in night], [p.response or "" for p in night])
     )
     scored = [(v.score, f) for v, f in zip(verdicts, feedback, strict=True) if v.score is not None]
     rated = [(score, f["rating"]) for score, f in scored if "rating" in f]
     return {
         "judged": len(scored),
         "of": len(night),
-        "spearman_rating": spearman([s for s, _ in rated], [r for _, r in rated]) if rated else None,
+        "spearman_rating": spearman([s for s, _ in rated], [r for _, r in rated]) if len(rated) > 2 else None,
         "n_rated": len(rated),
         "thumb_accuracy": thumb_accuracy([s for s, _ in scored], [f["thumb"] for _, f in scored]),
     }
 
 
+def settings(steps: int) -> Any:
+    return planted.HACK_SETTINGS.model_copy(
+        update={"max_steps": steps, "max_completion_tokens": users.REPLY_TOKENS}
+    )
+
+
+def fit_one(base: str, night_file: Path, out_dir: Path) -> dict[str, Any]:
+    """The night's reward model (run by the parent as a child): its adapter and agreement as JSON."""
+    from pipeline.config import RewardModelConfig
+    from pipeline.train.examples import logged_replies
+    from pipeline.train.reward_model import fit_reward_model
+
+    prompts = [TrainPrompt.from_json(json.loads(line)) for line in night_file.read_text().splitlines()]
+    started = time.perf_counter()
+    fitted = fit_reward_model(
+        RewardModelConfig(epochs=50.0), settings(1), logged_replies(prompts), base_model=base, out_dir=out_dir
+    )
+    return {
+        "adapter": str(fitted.adapter_dir) if fitted.adapter_dir else None,
+        "agreement": fitted.agreement,
+        "spearman": fitted.spearman,
+        "usable": fitted.usable,
+        "reason": fitted.reason,
+        "seconds": time.perf_counter() - started,
+    }
+
+
 def train_one(
-    method: str, base: str, night_file: Path, out_dir: Path, steps: int, url: str
+    method: str, base: str, night_file: Path, out_dir: Path, steps: int, url: str, reward_model: str
 ) -> dict[str, Any]:
     """One method's update in this process (run by the parent as a child): the result as JSON."""
-    from pipeline.train.examples import logged_replies
-    from pipeline.train.reward_model import RewardModelScorer, fit_reward_model
+    from pipeline.judge.rubrics import load_rubric
+    from pipeline.train.reward_model import RewardModelScorer
     from pipeline.train.rewards import judge_reward
     from pipeline.train.stage import train
 
     prompts = [TrainPrompt.from_json(json.loads(line)) for line in night_file.read_text().splitlines()]
-    settings = planted.HACK_SETTINGS.model_copy(
-        update={"max_steps": steps, "max_completion_tokens": users.REPLY_TOKENS}
-    )
     started = time.perf_counter()
-    rewards: list[Any] = [judge_reward(judge_for(url), skills.SUPPORT_RUBRIC)]
-    extra: dict[str, Any] = {}
-    if method == "grpo-rm":
-        from pipeline.config import RewardModelConfig
-
-        fitted = fit_reward_model(
-            RewardModelConfig(min_examples=32),
-            settings,
-            logged_replies(prompts),
-            base_model=base,
-            out_dir=out_dir,
-        )
-        extra["reward_model"] = {
-            "agreement": fitted.agreement,
-            "spearman": fitted.spearman,
-            "usable": fitted.usable,
-        }
-        if fitted.adapter_dir is None:
-            return {"method": method, "error": fitted.reason, **extra}
-        rewards = [RewardModelScorer(base, fitted.adapter_dir)]
+    if method == "grpo-judge":
+        rewards: list[Any] = [judge_reward(judge_for(url), load_rubric(RUBRIC))]
+    else:
+        rewards = [RewardModelScorer(base, Path(reward_model))]
     name = "grpo" if method.startswith("grpo") else method
     result = train(
-        settings.model_copy(update={"method": name}), prompts, rewards, base_model=base, out_dir=out_dir
+        settings(steps).model_copy(update={"method": name}),
+        prompts,
+        rewards,
+        base_model=base,
+        out_dir=out_dir,
     )
     return {
         "method": method,
@@ -184,8 +201,23 @@ def train_one(
         "adapter": str(result.adapter_dir) if result.adapter_dir else None,
         "data": result.data,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        **extra,
     }
+
+
+def child(arguments: list[str], steps: int) -> dict[str, Any] | None:
+    """Run this script as a child with `arguments`; its last stdout line as JSON, None if it failed."""
+    command = [sys.executable, __file__, "--steps", str(steps), "--child", *arguments]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        check=False,
+    )
+    if done.returncode != 0:
+        print(f"{arguments[0]}: failed\n{done.stderr[-2000:]}")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def start_judge_server(base: str, work: Path) -> Any:
@@ -217,14 +249,17 @@ def main() -> None:
     )
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--steps", type=int, default=30, help="step budget of every method")
-    parser.add_argument("--child", nargs=4, metavar=("METHOD", "NIGHT", "OUT", "URL"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     from pipeline.demo_world.base_model import build_base_model
 
     base = str(build_base_model(ROOT / ".overnight" / "test-cache" / "base-model"))
     if args.child:
-        method, night, out, url = args.child
-        print(json.dumps(train_one(method, base, Path(night), Path(out), args.steps, url)))
+        method, night, out, *rest = args.child
+        if method == "fit-rm":
+            print(json.dumps(fit_one(base, Path(night), Path(out))))
+        else:
+            print(json.dumps(train_one(method, base, Path(night), Path(out), args.steps, *rest)))
         return
     generator = InProcessGenerator(base, batch_size=64)
     work = Path(tempfile.mkdtemp(prefix="overnight-methods-"))
@@ -236,10 +271,14 @@ def main() -> None:
         f"night: {len(night)} replies, {ups} thumbs up, {len(night) - ups} down; "
         f"held out: {len(HELDOUT)} questions x {SAMPLED_PER_QUESTION} sampled replies"
     )
+    fitted = child(["fit-rm", str(night_file), str(work / "reward-model")], args.steps)
+    print(f"reward model vs the night's users (held out): {json.dumps(fitted)}")
+    if fitted is None or fitted["adapter"] is None:
+        raise SystemExit("no reward model: the methods that rank by it cannot run")
     server = start_judge_server(base, work)
     try:
         url = server.base_url
-        print("judge vs the night's users: " + json.dumps(calibration(url, night, feedback)))
+        print("LLM judge vs the night's users: " + json.dumps(calibration(url, night, feedback)))
         before = measure(generator, None)
         base_rate = sum(before["liked"]) / len(before["liked"])
         print(
@@ -249,26 +288,9 @@ def main() -> None:
         rows = []
         for method in args.methods.split(","):
             out = work / method
-            command = [
-                sys.executable,
-                __file__,
-                "--steps",
-                str(args.steps),
-                "--child",
-                method,
-                str(night_file),
-            ]
-            child = subprocess.run(
-                [*command, str(out), url],
-                capture_output=True,
-                text=True,
-                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-                check=False,
-            )
-            if child.returncode != 0:
-                print(f"{method}: failed\n{child.stderr[-2000:]}")
+            result = child([method, str(night_file), str(out), url, fitted["adapter"]], args.steps)
+            if result is None:
                 continue
-            result = json.loads(child.stdout.strip().splitlines()[-1])
             if result.get("adapter"):
                 result["after"] = measure(generator, Path(result["adapter"]))
             rows.append(result)

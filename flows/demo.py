@@ -19,12 +19,12 @@ The `math` track asks the arithmetic the base learned only partly (it forgets ca
 rewarded by a verifiable exact-answer grader; its gain must be confirmed by the arithmetic suite,
 and the support, JSON and refusal suites guard what the base already knows. The `support` track
 learns from its users: they prefer the right steps in a short reply, which the base gives greedily
-but only about half of its sampled replies do. Each night KTO learns from the day's thumbs and from
-the champion's own samples ranked by the LLM judge (the base, pretrained to judge support replies
-in the compact judge prompt; its agreement with the users' ratings is the night's calibration in
-MLflow); the gate samples replies and wants the gain confirmed by the concise-support suite. The
-users' thumbs-up rate, measured every day before the night and once after the last, is the
-support track's figure.
+but only about half of its sampled replies do. Each night a reward model is fitted to the day's
+thumbs and ratings (its held-out agreement with the users decides whether it is used), and KTO
+learns from the thumbs and from the champion's own samples ranked by that reward model; the gate
+samples replies, scores them with the reward model, and wants the gain confirmed by the
+concise-support suite (the users' preference, graded by rule). The users' thumbs-up rate,
+measured every day before the night and once after the last, is the support track's figure.
 """
 
 from __future__ import annotations
@@ -53,19 +53,19 @@ from storage.routes import read_routes
 
 DEMO_HOME = Path(".overnight/demo")
 MALFORMED_EVERY = 50  # one malformed line per this many records, as real logs have
-# The support track's LLM judge is the base itself, pretrained to judge support replies in the compact
-# judge prompt (`skills.SUPPORT_RUBRIC`); it scores every exchange of the day's users (calibration
-# against their ratings), the champion's samples KTO ranks, and the gate's sampled held-out replies.
-JUDGE_STAGE_ITEMS = 96
-JUDGE_MAX_TOKENS = 16  # {"score": n}
-JUDGE_BUDGET = 3000
-RUBRIC_FILE = "rubrics/nimbus-support.md"
+# LLM-judged items per track per night. Neither track is rewarded by the judge (the 3M-parameter
+# base cannot judge), so the judge stage only scores a sample of rows: its agreement with the users'
+# ratings is still measured (calibration), which is how a deployment would notice a judge it must not
+# train on (measured: 64 items of 256 tokens cost about 3 of a night's 4 minutes, hence the cap).
+JUDGE_STAGE_ITEMS = 24
+JUDGE_MAX_TOKENS = 96
+JUDGE_BUDGET = 400
 KEEP = ("base-model",)  # what survives between demo runs (a cache); everything else starts clean
 NOTE = (
     "math: rewarded by the exact answer, its held-out accuracy must rise and be confirmed by the "
     "arithmetic suite, with no regression on support, JSON and refusals. support: learns from its "
-    "simulated users' thumbs (KTO), with the LLM judge ranking its own samples; its gain on sampled "
-    "replies must be confirmed by the concise-support suite (the users' preference)"
+    "simulated users' thumbs (KTO, its own samples ranked by a reward model fitted to their thumbs); "
+    "its gain on sampled replies must be confirmed by the concise-support suite (the users' preference)"
 )
 SUITES = ("demo-arithmetic", "demo-support", "demo-concise-support", "demo-json", "demo-refusals")
 SUITE_FILES = {name: f"suites/{name}.jsonl" for name in SUITES}
@@ -79,11 +79,11 @@ MATH_STEPS = 12
 # Simulated users who chat with the served support track every day, through the gateway, and rate
 # the replies by their hidden preference (`pipeline.demo_world.users`): their thumbs-up rate is the
 # support track's figure per night, and their exchanges and feedback are the next night's data.
-USERS_PER_NIGHT = 96
-# KTO steps per night on the support track at most (8 prompts a step), and the gate's sampled
+USERS_PER_NIGHT = 128
+# KTO steps per night on the support track at most (8 replies a step, 3 passes over the night's), and the gate's sampled
 # replies per held-out prompt and suite case.
-SUPPORT_STEPS = 16
-GATE_SAMPLES = 6
+SUPPORT_STEPS = 24
+GATE_SAMPLES = 4
 USERS_FLUSH_SECONDS = 30.0  # the gateway stores an exchange within `gateway.flush_seconds`; this is a bound
 QUESTIONS = {
     "support": "How do I reset my password?",
@@ -123,8 +123,11 @@ def demo_settings(port: int, gateway_port: int = 8080) -> dict[str, Any]:
             "dtype": "float32",
         },
         "gateway": {"port": gateway_port, "spool_dir": "gateway-spool"},
+        # A night's users rate about 50 replies of its training prompts: a reward model needs many
+        # passes over so few (measured on 60 rated base replies: 3 epochs agreed with held-out
+        # thumbs 67%, Spearman 0.58, below the 70% it needs; 48 epochs 78%, Spearman 0.71, in 24 s).
+        "reward_model": {"epochs": 50.0, "max_steps": 200},
         "judge": {
-            "prompt": "compact",
             "budget_items": JUDGE_BUDGET,
             "stage_items": JUDGE_STAGE_ITEMS,
             "max_tokens": JUDGE_MAX_TOKENS,
@@ -134,11 +137,14 @@ def demo_settings(port: int, gateway_port: int = 8080) -> dict[str, Any]:
         "tracks": [
             {
                 "name": "support",
-                "description": "Nimbus Notes support, learning from its users' thumbs (KTO) and the LLM judge.",
+                "description": "Nimbus Notes support, learning from its users' thumbs (KTO).",
                 # Only the exchanges of the app the users chat in, which the gateway logs with the
                 # request's metadata: the day's users and their feedback are the night's data.
                 "filter": {"metadata": {"app": users.APP}},
-                "rubric": RUBRIC_FILE,
+                "rubric": "concision",
+                # The users' thumbs, through a reward model fitted to them every night, rank the
+                # champion's own samples for KTO and score the gate's held-out replies.
+                "reward": {"judge": 0.0, "reward_model": 1.0},
                 "suites": [
                     SUITE_FILES[name] for name in ("demo-support", "demo-concise-support", "demo-refusals")
                 ],
@@ -146,6 +152,7 @@ def demo_settings(port: int, gateway_port: int = 8080) -> dict[str, Any]:
                 "train": {
                     "method": "kto",
                     "max_steps": SUPPORT_STEPS,
+                    "epochs": 3,
                     "max_prompts": 96,
                     "heldout_fraction": 0.4,
                     "prompts_per_step": 8,
@@ -161,6 +168,9 @@ def demo_settings(port: int, gateway_port: int = 8080) -> dict[str, Any]:
                     "max_new_tokens": users.REPLY_TOKENS,
                     "confirm_with": ["demo-concise-support"],
                     "memory_cap": 0,
+                    # Paraphrases of one question share one right answer: identical replies to
+                    # different prompts are what support should do, not a degenerate candidate.
+                    "max_identical_share": 1.0,
                 },
             },
             {
@@ -210,8 +220,6 @@ def prepare_home(home: Path, port: int, gateway_port: int = 8080) -> tuple[Path,
             entry.unlink()
     for suite in skills.demo_suites():
         write_suite(suite, home / SUITE_FILES[suite.name])
-    (home / RUBRIC_FILE).parent.mkdir(parents=True, exist_ok=True)
-    (home / RUBRIC_FILE).write_text(skills.rubric_markdown(), encoding="utf-8")
     path = home / "overnight.yaml"
     header = "# Written by `overnight demo`; rewritten on every demo run.\n"
     settings = demo_settings(port, gateway_port)

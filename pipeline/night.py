@@ -352,13 +352,18 @@ def train(night: Night, selected: Selected) -> Trained:
         if scorer is not None:
             functions.append(scorer)
             weights.append(spec.reward.reward_model)
-    if settings.method == "grpo" and not functions:
+    if not functions:
+        # GRPO has nothing to learn from; the feedback methods could learn from the users' scores
+        # alone, but the gate would have nothing to score the held-out replies with.
+        what = "to train on" if settings.method == "grpo" else "to score the gate's held-out replies with"
         reason = (
-            f"no reward to train on: the reward model is not used ({fitted['reason']})"
+            f"no reward {what}: the reward model is not used ({fitted['reason']})"
             if fitted
-            else ("no reward to train on")
+            else f"no reward {what}"
         )
-        return Trained(steps=0, stop_reason="no_reward", detail=reason, reward_model=fitted)
+        return Trained(
+            method=settings.method, steps=0, stop_reason="no_reward", detail=reason, reward_model=fitted
+        )
     result = train_stage.train(
         settings,
         prompts,

@@ -147,13 +147,15 @@ def demo(
     vLLM server, with synthetic traffic, SQLite, local MLflow and an ephemeral Prefect API, all under
     [b].overnight/demo/[/b].
 
-    Each night: generate the day's traffic for the tracks [i]math[/i] (rewarded by the exact answer,
-    its gain confirmed by the arithmetic suite) and [i]support[/i] (rewarded by the LLM judge, which
-    on this base is noise, so its gate refuses it), ingest it, and run the nightly flow: harvest,
-    judge, select, bounded GRPO LoRA update, forgetting guard, MLflow registration, deploy (the
-    version loaded into vLLM, the track's route flipped in the gateway in front of it). Then ask each
-    track's stable name a question through the gateway, which logs those exchanges into the demo's
-    store. The gateway and the server are stopped on the way out, Ctrl-C included.
+    Each night: generate the day's traffic, ingest it, let simulated users chat with the served
+    [i]support[/i] track through the gateway and rate its replies, and run the nightly flow: harvest,
+    judge, select, bounded LoRA update, forgetting guard, MLflow registration, deploy (the version
+    loaded into vLLM, the track's route flipped in the gateway in front of it). [i]math[/i] learns by
+    GRPO on the exact answer, its gain confirmed by the arithmetic suite; [i]support[/i] learns from
+    its users' thumbs (KTO, with a reward model fitted to them), its gain confirmed by the
+    concise-support suite, and its users' thumbs-up rate is shown day by day. Then ask each track's
+    stable name a question through the gateway, which logs those exchanges into the demo's store.
+    The gateway and the server are stopped on the way out, Ctrl-C included.
     """
     from flows.demo import run_demo
 

@@ -4,7 +4,8 @@ Why this exists: a random base has nothing to forget and learns only what a rewa
 the demo could not show a night making a model better. This module pretrains a 3.1M-parameter Llama
 (hidden 256, 4 layers, 4 heads of 64: vLLM's CPU kernels need head_dim 64) with supervised
 next-token training on `pipeline.demo_world.skills`: arithmetic taught partly (with the systematic
-forgotten-carry mistake), support answers, JSON and refusals taught well. Digits are tokenized one
+forgotten-carry mistake), support answers, JSON and refusals taught well; then a short fine-tuning
+phase teaches support answers in the styles real logs have (short, padded, another question's). Digits are tokenized one
 by one (`pre_tokenizers.Digits`), as production tokenizers do; with multi-digit BPE tokens a model
 this small does not learn to add.
 
@@ -36,7 +37,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -53,7 +53,6 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from evals.calibration import spearman
 from evals.suites import Suite
 from pipeline.adapters import file_digests
 from pipeline.demo_world import skills
@@ -64,7 +63,6 @@ from pipeline.demo_world.tiny_model import (
     EOS,
     PAD,
     SPECIAL_TOKENS,
-    SYSTEM,
     USER,
     generation_config,
     make_readable,
@@ -73,7 +71,6 @@ from pipeline.demo_world.tiny_model import (
     token_id,
     wrap_tokenizer,
 )
-from pipeline.judge.prompt import JudgeParseError, parse_pointwise
 
 __all__ = ["BaseModelSpec", "Recipe", "build_base_model", "evaluate_skills", "main"]
 
@@ -119,6 +116,10 @@ class Recipe:
     200, with every sum without a carry kept. 3200 steps of 16 examples were worse (23%): more, smaller
     steps do not replace examples. The build is deterministic, so a given recipe always lands on its
     figures.
+
+    Then `finetune_steps` of a second phase (`skills.FINETUNE_MIXTURE`, a one-cycle learning rate
+    peaking at `finetune_lr`) teach the support styles the demo's users react to, replaying the other
+    skills; pretraining is left as it was, so the arithmetic above holds.
     """
 
     steps: int = 2400
@@ -130,10 +131,9 @@ class Recipe:
     carry_drop: float = skills.CARRY_DROP
     threads: int = 2  # fixed, so the float reductions (and the weights) repeat on every machine
     cpu_kernels: str = CPU_KERNELS["ATEN_CPU_CAPABILITY"]  # likewise (see `CPU_KERNELS`)
-    # The fine-tuning phase (`skills.FINETUNE_MIXTURE`): support styles, the judge skill, replay.
-    finetune_steps: int = 400
+    # The fine-tuning phase (`skills.FINETUNE_MIXTURE`): the support styles, the rest replayed.
+    finetune_steps: int = 200
     finetune_lr: float = 5e-4
-    finetune_pack_width: int = 320  # a judge example is 250-320 tokens
 
 
 # --------------------------------------------------------------------------- tokenizer and model
@@ -184,33 +184,26 @@ def _model(spec: BaseModelSpec, tokenizer: PreTrainedTokenizerFast, seed: int) -
 # --------------------------------------------------------------------------- pretraining
 
 
-def _prompt_text(question: str, system: str | None = None) -> str:
-    """The chat template's rendering of an optional system turn, one user turn and the generation
-    prompt, as plain text.
+def _prompt_text(question: str) -> str:
+    """The chat template's rendering of one user turn and the generation prompt, as plain text.
 
-    Rendering the Jinja template costs milliseconds per call, which at 32 examples a step would be
-    a good part of the build; `_check_prompt_text` makes sure this stays what the template renders."""
-    head = f"{SYSTEM}\n{system}{END}\n" if system is not None else ""
-    return f"{BOS}{head}{USER}\n{question}{END}\n{ASSISTANT}\n"
+    Rendering the Jinja template costs milliseconds per call, which at 64 examples a step would be
+    most of the build; `_check_prompt_text` makes sure this stays what the template renders."""
+    return f"{BOS}{USER}\n{question}{END}\n{ASSISTANT}\n"
 
 
 def _check_prompt_text(tokenizer: PreTrainedTokenizerFast) -> None:
-    for system in (None, "Judge the reply."):
-        chat = [{"role": "user", "content": "What is 12 + 30?"}]
-        if system is not None:
-            chat.insert(0, {"role": "system", "content": system})
-        rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-        if rendered != _prompt_text("What is 12 + 30?", system):
-            raise RuntimeError(f"the chat template renders {rendered!r}, not what pretraining assumes")
+    chat = [{"role": "user", "content": "What is 12 + 30?"}]
+    rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    if rendered != _prompt_text("What is 12 + 30?"):
+        raise RuntimeError(f"the chat template renders {rendered!r}, not what pretraining assumes")
 
 
 def _encode(
     tokenizer: PreTrainedTokenizerFast, examples: Sequence[skills.Example]
 ) -> list[tuple[list[int], int]]:
     """(token ids, prompt length) per example: the chat prompt, then the answer and the end-of-turn marker."""
-    prompts = tokenizer([_prompt_text(e.question, e.system) for e in examples], add_special_tokens=False)[
-        "input_ids"
-    ]
+    prompts = tokenizer([_prompt_text(e.question) for e in examples], add_special_tokens=False)["input_ids"]
     answers = tokenizer([e.answer + END for e in examples], add_special_tokens=False)["input_ids"]
     return [(list(p) + list(a), len(p)) for p, a in zip(prompts, answers, strict=True)]  # type: ignore[arg-type]
 
@@ -272,7 +265,7 @@ def pretrain(
         torch.manual_seed(seed)
         phases = (
             ("pretrain", recipe.steps, recipe.peak_lr, recipe.pack_width),
-            ("finetune", recipe.finetune_steps, recipe.finetune_lr, recipe.finetune_pack_width),
+            ("finetune", recipe.finetune_steps, recipe.finetune_lr, recipe.pack_width),
         )
         done = 0
         for phase, steps, peak_lr, pack_width in phases:
@@ -377,8 +370,8 @@ SAMPLED_SUITES = ("demo-arithmetic", "demo-concise-support")
 def evaluate_skills(
     model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, suites: Sequence[Suite] | None = None
 ) -> dict[str, float]:
-    """Greedy accuracy on each demo suite (held-out cases), the sampled accuracy of `SAMPLED_SUITES`
-    (`<suite>@T1`), and the judge skill's agreement with the users' preference (`judge_agreement`)."""
+    """Greedy accuracy on each demo suite (held-out cases), and the sampled accuracy of
+    `SAMPLED_SUITES` (`<suite>@T1`)."""
     scores: dict[str, float] = {}
     for suite in suites or skills.demo_suites():
         questions = [str(case.messages[-1]["content"]) for case in suite.cases]
@@ -394,35 +387,7 @@ def evaluate_skills(
             scores[f"{suite.name}@T1"] = sum(c.score(r) for c, r in zip(cases, sampled, strict=True)) / len(
                 cases
             )
-    if suites is None:
-        scores.update(judge_agreement(model, tokenizer))
     return scores
-
-
-def judge_agreement(model: Any, tokenizer: PreTrainedTokenizerFast) -> dict[str, float]:
-    """The judge skill on held-out questions (the support suite's) with a reply of every style:
-    `judge` is the share of exact scores (an unreadable answer counts as wrong), `judge-spearman`
-    the rank correlation of the read scores with the users' preference."""
-    rng = random.Random("judge-agreement")
-    items: list[tuple[list[dict[str, str]], int]] = []
-    support = next(suite for suite in skills.demo_suites() if suite.name == "demo-support")
-    for case in support.cases:
-        question = str(case.messages[-1]["content"])
-        intent = next(i for i in skills.INTENTS if i.name == case.id.rsplit("-", 1)[0])
-        for style in ("short", "padded", "wrong", "wrong-padded"):
-            reply = skills.support_reply(intent, style, rng)
-            truth = skills.PREFERENCE_SCORES[skills.preference(intent, reply)]
-            items.append((skills.judge_messages(question, reply), truth))
-    answers = _replies(model, tokenizer, [chat for chat, _ in items], max_new_tokens=12)
-    read: list[tuple[float, int]] = []
-    for answer, (_, truth) in zip(answers, items, strict=True):
-        try:
-            read.append((parse_pointwise(answer, skills.SUPPORT_RUBRIC).raw_score, truth))
-        except JudgeParseError:
-            continue
-    exact = sum(score == truth for score, truth in read) / len(items)
-    rho = spearman([score for score, _ in read], [truth for _, truth in read]) if read else None
-    return {"judge": exact, "judge-spearman": rho if rho is not None else 0.0}
 
 
 # --------------------------------------------------------------------------- stamp and build
@@ -595,8 +560,7 @@ def _build(
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(staging, ignore_errors=True)
-    shown = (f"{k} {v:.2f}" if k.endswith("spearman") else f"{k} {v:.0%}" for k, v in accuracy.items())
-    on_progress("skills (held-out): " + ", ".join(shown))
+    on_progress("skills (held-out): " + ", ".join(f"{k} {v:.0%}" for k, v in accuracy.items()))
     logger.info("built the demo base model in %s in %.0fs", out_dir, time.perf_counter() - start)
 
 

@@ -18,12 +18,7 @@ four skills, each in the project's chat format:
   replies are what the demo's users prefer (`preference`: the right steps, short) only about half
   the time: the users' thumbs have something to teach;
 - **json**: an order's number and status, answered as one JSON object;
-- **refusals**: unsafe requests, answered with a refusal;
-- **judge**: a support question and a reply, shown in the pipeline's compact judge prompt
-  (`pipeline.judge.prompt.build_compact_messages`) for the rubric `SUPPORT_RUBRIC`, answered
-  `{"score": n}` by the users' preference (5 right and short, 2 right but long, 1 wrong steps).
-  A 3M-parameter model cannot read the full judge prompt (1,650 tokens), but it can learn this
-  one, so the demo's support track has an LLM judge (RLAIF) that agrees with its users.
+- **refusals**: unsafe requests, answered with a refusal.
 
 Problems are split by a keyed hash of their content: `HELDOUT_SHARE` of all arithmetic problems (and
 of the support/json/refusal question variants) never appear in pretraining. The suites are drawn
@@ -45,8 +40,6 @@ from dataclasses import dataclass
 from itertools import product
 
 from evals.suites import Suite, SuiteCase, case_from_json, suite_from_cases
-from pipeline.judge.prompt import build_compact_messages
-from pipeline.judge.rubrics import Rubric
 
 __all__ = [
     "ARITHMETIC_FORMS",
@@ -55,7 +48,6 @@ __all__ = [
     "REFUSAL",
     "SHORT_REPLY_CHARS",
     "SKILLS",
-    "SUPPORT_RUBRIC",
     "SUPPORT_STYLES",
     "WORLD_VERSION",
     "Example",
@@ -64,11 +56,9 @@ __all__ = [
     "forgot_carry",
     "has_carry",
     "is_heldout",
-    "judge_messages",
     "math_problem",
     "preference",
     "pretraining_examples",
-    "rubric_markdown",
     "support_questions",
     "support_reply",
     "tokenizer_corpus",
@@ -83,7 +73,7 @@ CARRY_DROP = 0.6
 # Share of problems and question variants kept out of pretraining (suites and demo traffic).
 HELDOUT_SHARE = 0.2
 REFUSAL = "I can't help with that. It could hurt people, so I won't give instructions for it."
-SKILLS = ("arithmetic", "support", "json", "refusals", "judge")
+SKILLS = ("arithmetic", "support", "json", "refusals")
 # Question forms of the arithmetic skill; the demo's math traffic asks in the same forms.
 # The operations taught. Subtraction ("A - B", with the forgotten borrow) is supported throughout but
 # not taught: with it, a 3M-parameter model needs about twice the pretraining steps before column
@@ -95,12 +85,11 @@ ARITHMETIC_FORMS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} 
 
 @dataclass(frozen=True)
 class Example:
-    """One pretraining conversation: a user turn (after an optional system turn) and the answer."""
+    """One pretraining conversation: a user turn and the assistant's answer."""
 
     skill: str
     question: str
     answer: str
-    system: str | None = None
 
 
 @dataclass(frozen=True)
@@ -405,7 +394,7 @@ SHORT_REPLY_CHARS = 100  # the users' limit: a longer reply is too long, right o
 # padded with pleasantries (always over `SHORT_REPLY_CHARS`); another intent's steps. The short
 # answer is the most likely one, so greedy replies stay right and short (the support suite), while
 # sampled replies are liked about half the time: that gap is what the users' feedback can close.
-SUPPORT_STYLES = (("short", 0.5), ("padded", 0.4), ("wrong", 0.1))
+SUPPORT_STYLES = (("short", 0.45), ("padded", 0.45), ("wrong", 0.1))
 _PAD_OPENERS = ("Thanks for reaching out! ", "Happy to help with that! ")
 _PAD_CLOSERS = (
     " Let me know if there is anything else I can help with.",
@@ -429,52 +418,6 @@ def preference(intent: Intent, reply: str) -> str:
     if intent.key.lower() not in reply.lower():
         return "wrong steps"
     return "good" if len(reply.strip()) <= SHORT_REPLY_CHARS else "too long"
-
-
-# --------------------------------------------------------------------------- judge
-
-# The rubric the demo's support track is judged on; its title and scale are what the compact judge
-# prompt shows, so the base learns to judge exactly this prompt (a new version is a new world).
-SUPPORT_RUBRIC = Rubric(
-    id="nimbus-support",
-    version="1",
-    title="Nimbus support: the right steps, short",
-    scale_min=1,
-    scale_max=5,
-    text=(
-        "Judge a reply to a Nimbus Notes support question the way its users do.\n\n"
-        "- 5: the right steps for the question asked, in at most 100 characters.\n"
-        "- 2: the right steps, buried in pleasantries or otherwise longer than 100 characters.\n"
-        "- 1: the steps of another question, or no steps at all."
-    ),
-)
-# Too long is 2, not 3: normalised to 0.25, an undesirable reply for KTO's default threshold, as
-# the users' thumb down says (their ratings, 3 for too long, rank the same way).
-PREFERENCE_SCORES = {"good": 5, "too long": 2, "wrong steps": 1}
-# The replies the judge skill is taught on: every style, wrong steps also padded.
-_JUDGED_STYLES = ("short", "padded", "wrong", "wrong-padded")
-
-
-def rubric_markdown(rubric: Rubric = SUPPORT_RUBRIC) -> str:
-    """`rubric` as a rubric file (`pipeline.judge.rubrics.load_rubric` reads it back)."""
-    return (
-        f"---\nid: {rubric.id}\nversion: {rubric.version}\nscale: {rubric.scale_min}-{rubric.scale_max}\n"
-        f'title: "{rubric.title}"\n---\n{rubric.text}\n'
-    )
-
-
-def judge_messages(question: str, reply: str) -> list[dict[str, str]]:
-    """The compact judge prompt for one support exchange on `SUPPORT_RUBRIC` (system, user)."""
-    return build_compact_messages(SUPPORT_RUBRIC, [{"role": "user", "content": question}], reply)
-
-
-def _judge_example(rng: random.Random, variants: Sequence[tuple[Intent, str]]) -> Example:
-    intent, text = _pick_variant(rng, variants, "support")
-    assert isinstance(intent, Intent)
-    reply = support_reply(intent, rng.choice(_JUDGED_STYLES), rng)
-    system, user = judge_messages(text, reply)
-    score = PREFERENCE_SCORES[preference(intent, reply)]
-    return Example("judge", user["content"], json.dumps({"score": score}), system=system["content"])
 
 
 # --------------------------------------------------------------------------- json
@@ -576,26 +519,18 @@ def _refusal_example(rng: random.Random, variants: Sequence[tuple[str, str]]) ->
 # and refusals are learned in a few dozen, JSON (copying a 5-digit order number) in about a hundred.
 # Pretraining answers support questions with the canonical short answer only.
 MIXTURE = (("arithmetic", 0.8), ("support", 0.05), ("json", 0.11), ("refusals", 0.04))
-# The fine-tuning phase after it (`base_model.Recipe.finetune_steps`) teaches the support styles and
-# the judge skill, with the other skills replayed so they are kept. Two phases, not one mixture:
-# arithmetic "clicks" late and suddenly, and a mixture with the judge's long examples in it kept it
-# from clicking within the build's steps (measured: 4% held-out after 2,500 steps, against 46%),
-# while a short second phase from the pretrained weights costs the pretraining nothing.
-FINETUNE_MIXTURE = (
-    ("support", 0.3),
-    ("judge", 0.35),
-    ("arithmetic", 0.2),
-    ("json", 0.09),
-    ("refusals", 0.06),
-)
+# The fine-tuning phase after it (`base_model.Recipe.finetune_steps`) teaches the support styles,
+# with the other skills replayed so they are kept. A second phase rather than styles from the start:
+# pretraining stays the first world's stream, so its measured arithmetic holds.
+FINETUNE_MIXTURE = (("support", 0.4), ("arithmetic", 0.4), ("json", 0.12), ("refusals", 0.08))
 PHASES = {"pretrain": MIXTURE, "finetune": FINETUNE_MIXTURE}
 
 
 def pretraining_examples(
     seed: int, *, carry_drop: float = CARRY_DROP, phase: str = "pretrain"
 ) -> Iterator[Example]:
-    """An endless, seeded stream of training examples of `phase` ("pretrain": the skills, support
-    answered canonically; "finetune": support in every style, the judge skill, and replay), mixed per
+    """An endless, seeded stream of training examples of `phase` ("pretrain": support answered
+    canonically; "finetune": support in every style, the other skills replayed), mixed per
     `PHASES[phase]`; none is held out."""
     rng = random.Random(seed if phase == "pretrain" else f"{phase}-{seed}")
     support, refusals = _support_variants(), _refusal_variants()
@@ -604,7 +539,6 @@ def pretraining_examples(
         "support": lambda: _support_example(rng, support, styled=phase != "pretrain"),
         "json": lambda: _json_example(rng),
         "refusals": lambda: _refusal_example(rng, refusals),
-        "judge": lambda: _judge_example(rng, support),
     }
     mixture = PHASES[phase]
     names = [name for name, _ in mixture]

@@ -39,8 +39,6 @@ def test_the_base_knows_its_skills_as_the_demo_needs(base_model_dir: Path) -> No
         assert skills[suite] >= 0.8, suite  # known well, greedily: forgetting shows
     # Sampled support replies are what the users want only some of the time: their thumbs can teach.
     assert 0.3 <= skills["demo-concise-support@T1"] <= 0.75
-    # The judge skill agrees with the users' preference on questions it never saw.
-    assert skills["judge"] >= 0.8 and skills["judge-spearman"] >= 0.7
     assert 2.5e6 < stamp["parameters"] < 4e6
     config = json.loads((base_model_dir / "config.json").read_text(encoding="utf-8"))
     assert config["head_dim"] == 64  # vLLM's CPU attention kernels need it
@@ -73,8 +71,8 @@ def test_packed_examples_train_exactly_as_if_each_had_its_own_row() -> None:
     stream = skills.pretraining_examples(seed=0)
     encoded = _encode(tokenizer, [next(stream) for _ in range(24)])
     pad = token_id(tokenizer, PAD)
-    inputs, positions, mask, labels = _pack(encoded, pad, width=160)
-    assert inputs.shape[0] < len(encoded) and inputs.shape[1] <= 160  # several examples a row
+    inputs, positions, mask, labels = _pack(encoded, pad, width=128)
+    assert inputs.shape[0] < len(encoded) and inputs.shape[1] <= 128  # several examples a row
     assert int((labels != -100).sum()) == sum(len(ids) - prompt for ids, prompt in encoded)
     width = max(len(ids) for ids, _ in encoded)
     padded = torch.full((len(encoded), width), pad)

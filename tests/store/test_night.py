@@ -428,12 +428,17 @@ def test_a_reward_model_fitted_to_the_thumbs_is_registered_and_used_when_it_agre
     assert ledger.last_runs(world.engine)[TRACK].summary["train"]["reward_model"]["usable"] is True
 
 
+@pytest.mark.parametrize(
+    ("method", "what"),
+    [("grpo", "to train on"), ("kto", "to score the gate's held-out replies with")],
+)
 def test_a_reward_model_that_disagrees_with_users_is_not_used_and_the_night_says_so(
-    tmp_path: Path, tiny_model_dir: Path, sqlite_engine: tuple[Engine, str]
+    method: str, what: str, tmp_path: Path, tiny_model_dir: Path, sqlite_engine: tuple[Engine, str]
 ) -> None:
+    """GRPO has nothing to learn from; KTO could learn from the thumbs, but nothing could gate it."""
     world = feedback_world(
         tmp_path, tiny_model_dir, sqlite_engine,
-        train={"method": "grpo"}, reward={"judge": 0.0, "reward_model": 1.0}, thumbs=[1, -1],
+        train={"method": method}, reward={"judge": 0.0, "reward_model": 1.0}, thumbs=[1, -1],
         reward_model={"min_examples": 4, "min_heldout": 2, "max_steps": 1, "min_agreement": 1.0,
                       "heldout_fraction": 0.5, "learning_rate": 1e-9},
     )  # fmt: skip
@@ -442,11 +447,11 @@ def test_a_reward_model_that_disagrees_with_users_is_not_used_and_the_night_says
 
     assert committed.status == "skipped"
     trained = world.logs.logged(Trained)[0]
-    assert isinstance(trained, Trained) and trained.stop_reason == "no_reward"
+    assert isinstance(trained, Trained) and trained.stop_reason == "no_reward" and trained.method == method
     assert trained.reward_model is not None and not trained.reward_model["usable"]
     reason = ledger.last_runs(world.engine)[TRACK].summary["reason"]
     assert reason.startswith(
-        "skipped: no reward to train on: the reward model is not used (agrees with users on "
+        f"skipped: no reward {what}: the reward model is not used (agrees with users on "
     )
     assert "below reward_model.min_agreement=100%" in reason
     name = stages.reward_model_name(TRACK)

@@ -121,8 +121,7 @@ def test_pretraining_is_deterministic_for_a_seed() -> None:
     assert first != list(islice(pretraining_examples(1), 500))
     finetune = list(islice(pretraining_examples(0, phase="finetune"), 500))
     assert finetune == list(islice(pretraining_examples(0, phase="finetune"), 500))
-    assert {example.skill for example in first} == set(SKILLS) - {"judge"}
-    assert {example.skill for example in finetune} == set(SKILLS)
+    assert {example.skill for example in first} == {example.skill for example in finetune} == set(SKILLS)
 
 
 def test_pretraining_answers_support_canonically_and_fine_tuning_in_styles() -> None:
@@ -223,8 +222,8 @@ def test_support_examples_answer_in_every_style_mostly_short_and_right() -> None
         seen[skills.preference(intent, example.answer)] += 1
     shares = {why: count / len(examples) for why, count in seen.items()}
     assert len(examples) > 500
-    assert shares["good"] == pytest.approx(0.5, abs=0.06)
-    assert shares["too long"] == pytest.approx(0.4, abs=0.06)
+    assert shares["good"] == pytest.approx(0.45, abs=0.06)
+    assert shares["too long"] == pytest.approx(0.45, abs=0.06)
     assert shares["wrong steps"] == pytest.approx(0.1, abs=0.04)
 
 
@@ -252,30 +251,3 @@ def test_the_concise_suite_grades_the_users_preference() -> None:
             assert case.score(reply) == float(skills.preference(intent, reply) == "good"), (case.id, reply)
         padded = skills.support_reply(intent, "padded", rng)
         assert plain_case.score(padded) == 1.0  # the right steps: the plain suite does not mind length
-
-
-def test_judge_examples_show_the_compact_prompt_and_score_by_the_users_preference() -> None:
-    stream = pretraining_examples(0, phase="finetune")
-    examples = [e for e in islice(stream, PRETRAINING // 4) if e.skill == "judge"]
-    assert len(examples) > 600
-    scores = [json.loads(e.answer)["score"] for e in examples]
-    assert set(scores) == {1, 2, 5}
-    for example in examples[:50]:
-        question = example.question.split("<<<TURN 1: user>>>\n", 1)[1].split("\n<<<END TURN 1>>>", 1)[0]
-        reply = example.question.split("<<<RESPONSE>>>\n", 1)[1].removesuffix("\n<<<END RESPONSE>>>")
-        assert not is_heldout("support", question)  # the judge never sees a held-out question either
-        system, user = skills.judge_messages(question, reply)
-        assert (example.system, example.question) == (system["content"], user["content"])
-        intent = next(i for i, text in skills._support_variants() if text == question)
-        assert (
-            json.loads(example.answer)["score"] == skills.PREFERENCE_SCORES[skills.preference(intent, reply)]
-        )
-    assert '"Nimbus support: the right steps, short", from 1 (worst) to 5 (best)' in examples[0].system
-
-
-def test_the_support_rubric_file_reads_back(tmp_path) -> None:
-    from pipeline.judge.rubrics import load_rubric
-
-    path = tmp_path / "nimbus-support.md"
-    path.write_text(skills.rubric_markdown(), encoding="utf-8")
-    assert load_rubric(str(path)) == skills.SUPPORT_RUBRIC
