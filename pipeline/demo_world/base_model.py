@@ -269,7 +269,7 @@ def pretrain(
         )
         done = 0
         for phase, steps, peak_lr, pack_width in phases:
-            if steps == 0:
+            if phase == "finetune" and steps == 0:  # pretraining always runs (0 steps is an error)
                 continue
             stream = skills.pretraining_examples(seed, carry_drop=recipe.carry_drop, phase=phase)
             loss_value = _train_phase(

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(3000)]
 MINI = BaseModelSpec(
     hidden_size=64, num_attention_heads=1, num_key_value_heads=1, num_hidden_layers=1, intermediate_size=64
 )
-MINI_RECIPE = Recipe(steps=2, batch_size=4, threads=1)
+MINI_RECIPE = Recipe(steps=2, batch_size=4, threads=1, finetune_steps=2)
 
 
 def test_the_base_knows_its_skills_as_the_demo_needs(base_model_dir: Path) -> None:
@@ -184,6 +184,6 @@ def test_the_command_line_builds_as_the_test_script_runs_it(tmp_path: Path) -> N
     command += ["--spec", json.dumps(asdict(MINI)), "--recipe", json.dumps(asdict(MINI_RECIPE))]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "pretraining step 2/2" in done.stdout
+    assert "pretraining step 2/4" in done.stdout and "fine-tuning step 4/4" in done.stdout
     stamp = read_stamp(tmp_path / "base")
     assert stamp is not None and stamp["recipe"]["steps"] == 2
