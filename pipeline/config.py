@@ -180,6 +180,9 @@ class RewardModelConfig(Section):
     batch_size: int = Field(default=16, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
     max_length: int = Field(default=512, ge=8)  # tokens of prompt and reply, truncated
+    # Earlier nights whose rated replies it learns from too (their training prompts, never a prompt
+    # tonight's gate holds out): a night's feedback is little, the track's history is not.
+    history_nights: int = Field(default=6, ge=0)
 
 
 class RewardConfig(Section):

@@ -61,6 +61,7 @@ from pipeline.results import (
     Trained,
     TrainPrompt,
 )
+from pipeline.select import is_heldout
 from pipeline.select import select as select_prompts
 from pipeline.services import NightServices
 from pipeline.train import recipe
@@ -388,14 +389,15 @@ def _reward_model(
     from pipeline.train.reward_model import RewardModelScorer, fit_reward_model
 
     base_model = night.config.base_model_for(night.track)
+    earlier = _earlier_rated_prompts(night, settings)
     result = fit_reward_model(
         night.config.reward_model,
         settings,
-        logged_replies(prompts),
+        logged_replies([*prompts, *earlier]),
         base_model=base_model,
         out_dir=night.run_dir / "reward-model",
     )
-    facts = result.as_json()
+    facts = result.as_json() | {"earlier_prompts": len(earlier)}
     if result.adapter_dir is not None:
         name = reward_model_name(night.track)
         registry = night.services.registry
@@ -423,6 +425,32 @@ def _reward_model(
         RewardModelScorer(base_model, result.adapter_dir) if result.usable and result.adapter_dir else None
     )
     return facts, scorer
+
+
+def _earlier_rated_prompts(night: Night, settings: TrainConfig) -> list[TrainPrompt]:
+    """The training prompts of the track's last `reward_model.history_nights` nights that a user rated,
+    less any that tonight's gate holds out (the split by prompt hash, with tonight's settings)."""
+    details = ledger.earlier_stage_details(
+        night.engine,
+        night.track,
+        "select",
+        before_night=night.night,
+        nights=night.config.reward_model.history_nights,
+    )
+    earlier = []
+    for detail in details:
+        path = Path(str(detail.get("train_path") or ""))
+        if not path.is_file():
+            logger.warning("%s %s: an earlier night's prompts are gone (%s); its feedback not used",
+                           night.track, night.night, path)  # fmt: skip
+            continue
+        earlier += [
+            prompt
+            for prompt in read_prompts(path)
+            if prompt.score_source == "feedback"
+            and not is_heldout(prompt.messages, settings.heldout_fraction, settings.seed)
+        ]
+    return earlier
 
 
 def reward_model_name(track: str) -> str:
@@ -626,7 +654,16 @@ def summarize(night: Night, outcome: NightOutcome) -> dict[str, Any]:
 
 
 def _reward_model_summary(facts: dict[str, Any]) -> dict[str, Any]:
-    return {key: facts.get(key) for key in ("version", "agreement", "usable", "reason")}
+    keys = (
+        "version",
+        "agreement",
+        "usable",
+        "reason",
+        "train_examples",
+        "heldout_examples",
+        "earlier_prompts",
+    )
+    return {key: facts.get(key) for key in keys}
 
 
 def champion_adapter(night: Night) -> AdapterVersion | None:

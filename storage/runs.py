@@ -118,6 +118,32 @@ def finished_stage(engine: Engine, run_id: int, stage: str) -> dict[str, Any] | 
         return dict(row.detail) if row is not None else None
 
 
+def earlier_stage_details(
+    engine: Engine, track: str, stage: str, *, before_night: str, nights: int
+) -> list[dict[str, Any]]:
+    """What `stage` recorded in the track's `nights` latest nights before `before_night` (newest
+    first): per night, the latest attempt that finished that stage."""
+    if nights <= 0:
+        return []
+    with Session(engine) as session:
+        rows = session.execute(
+            select(NightlyRun.night, RunStage.detail)
+            .join(RunStage, RunStage.run_id == NightlyRun.id)
+            .where(
+                NightlyRun.track == track,
+                NightlyRun.night < before_night,
+                RunStage.stage == stage,
+                RunStage.status == "done",
+            )
+            .order_by(NightlyRun.night.desc(), NightlyRun.attempt.desc())
+        ).all()
+    latest: dict[str, dict[str, Any]] = {}
+    for night, detail in rows:
+        if night not in latest and len(latest) < nights:
+            latest[night] = dict(detail)
+    return list(latest.values())
+
+
 def start_stage(engine: Engine, run_id: int, stage: str) -> None:
     with Session(engine) as session, session.begin():
         row = session.scalars(

@@ -140,6 +140,15 @@ def demo(
     ctx: typer.Context,
     nights: Annotated[int, typer.Option("--nights", min=1, max=30, help="Nights to simulate.")] = 3,
     rows: Annotated[int, typer.Option("--rows", min=10, help="Synthetic interactions per night.")] = 800,
+    users_per_day: Annotated[
+        int | None,
+        typer.Option(
+            "--users",
+            min=1,
+            help="Simulated users who chat with the support track and rate it, per day [default: 256].",
+            show_default=False,
+        ),
+    ] = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Run the whole loop on embedded defaults: a small local model that knows some arithmetic,
@@ -152,7 +161,8 @@ def demo(
     judge, select, bounded LoRA update, forgetting guard, MLflow registration, deploy (the version
     loaded into vLLM, the track's route flipped in the gateway in front of it). [i]math[/i] learns by
     GRPO on the exact answer, its gain confirmed by the arithmetic suite; [i]support[/i] learns from
-    its users' thumbs (KTO, with a reward model fitted to them), its gain confirmed by the
+    its users' thumbs (SFT on its own best samples, ranked by a reward model fitted to the thumbs
+    of every night so far), its gain confirmed by the
     concise-support suite, and its users' thumbs-up rate is shown day by day. Then ask each track's
     stable name a question through the gateway, which logs those exchanges into the demo's store.
     The gateway and the server are stopped on the way out, Ctrl-C included.
@@ -160,7 +170,7 @@ def demo(
     from flows.demo import run_demo
 
     with stderr.status("starting") as status:
-        summary = run_demo(nights, rows, on_stage=lambda text: status.update(text))
+        summary = run_demo(nights, rows, users_per_night=users_per_day, on_stage=lambda text: status.update(text))
     if wants_json(ctx, json_output):
         print_json(summary)
         return

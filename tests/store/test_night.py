@@ -89,6 +89,10 @@ class World:
     def open(self, services: NightServices | None = None, **kwargs: Any) -> Night:
         return Night(self.config, self.engine, TRACK, NIGHT, services or self.services(), **kwargs)
 
+    def config_home_runs(self, night: str) -> list[Path]:
+        """The run directories of the track's `night` (one per attempt)."""
+        return sorted((Path(self.config.home) / "runs" / TRACK).glob(f"{night}-*"))
+
     def snapshots(self) -> int:
         with Session(self.engine) as session:
             return session.scalar(select(func.count()).select_from(Snapshot)) or 0
@@ -457,3 +461,61 @@ def test_a_reward_model_that_disagrees_with_users_is_not_used_and_the_night_says
     name = stages.reward_model_name(TRACK)
     assert world.registry.versions(name)[0].tags["usable"] == "false"  # versioned all the same
     assert world.registry.version_for(name, "champion") is None
+
+
+def test_the_reward_model_also_learns_from_earlier_nights_feedback_but_never_tonights_heldout(
+    tmp_path: Path, tiny_model_dir: Path, sqlite_engine: tuple[Engine, str]
+) -> None:
+    world = feedback_world(
+        tmp_path, tiny_model_dir, sqlite_engine,
+        train={"method": "grpo"}, reward={"judge": 0.0, "reward_model": 1.0}, thumbs=[1, -1],
+        reward_model={"min_examples": 4, "min_heldout": 2, "max_steps": 1, "min_agreement": 0.0,
+                      "heldout_fraction": 0.5},
+    )  # fmt: skip
+    run_through(world.open())
+    first = world.logs.logged(Trained)[0]
+    assert isinstance(first, Trained) and first.reward_model is not None
+    assert first.reward_model["earlier_prompts"] == 0  # nothing came before the first night
+    first_rated = first.reward_model["train_examples"] + first.reward_model["heldout_examples"]
+    # The next day: 40 new rated exchanges.
+    storage.log_interactions(
+        world.engine,
+        [make_record(n, feedback={"thumb": 1 - 2 * (n % 2)}, response=f"Reply {n}") for n in range(40, 80)],
+    )
+
+    run_through(Night(world.config, world.engine, TRACK, "2026-11-23", world.services()))
+
+    second = world.logs.logged(Trained)[1]
+    assert isinstance(second, Trained) and second.reward_model is not None
+    facts = second.reward_model
+    # Last night's training prompts came back (all rated; none held out by the track's split), and
+    # together with tonight's they are what the reward model was fitted and measured on.
+    assert facts["earlier_prompts"] == first_rated
+    tonight = stages.read_prompts(world.config_home_runs("2026-11-23")[0] / "train.jsonl")
+    assert facts["train_examples"] + facts["heldout_examples"] == first_rated + len(tonight)
+    summary = ledger.last_runs(world.engine)[TRACK].summary["train"]["reward_model"]
+    assert summary["earlier_prompts"] == first_rated
+
+
+def test_an_earlier_nights_lost_prompts_file_only_costs_its_feedback(
+    tmp_path: Path, tiny_model_dir: Path, sqlite_engine: tuple[Engine, str]
+) -> None:
+    world = feedback_world(
+        tmp_path, tiny_model_dir, sqlite_engine,
+        train={"method": "grpo"}, reward={"judge": 0.0, "reward_model": 1.0}, thumbs=[1, -1],
+        reward_model={"min_examples": 4, "min_heldout": 2, "max_steps": 1, "min_agreement": 0.0,
+                      "heldout_fraction": 0.5},
+    )  # fmt: skip
+    run_through(world.open())
+    for path in world.config_home_runs(NIGHT):
+        (path / "train.jsonl").unlink()
+    storage.log_interactions(
+        world.engine,
+        [make_record(n, feedback={"thumb": 1 - 2 * (n % 2)}, response=f"Reply {n}") for n in range(40, 80)],
+    )
+
+    committed = run_through(Night(world.config, world.engine, TRACK, "2026-11-23", world.services()))
+
+    second = world.logs.logged(Trained)[1]
+    assert isinstance(second, Trained) and second.reward_model is not None
+    assert second.reward_model["earlier_prompts"] == 0 and committed.status in ("promoted", "rejected")

@@ -37,3 +37,28 @@ def test_a_failed_night_is_retried_in_the_same_attempt(engine: Engine) -> None:
     again, finished = ledger.open_run(engine, "support", "2026-11-22")
     assert again == run_id and finished is None
     assert ledger.get_run(engine, run_id).status == "running"
+
+
+def test_earlier_nights_stage_details_are_the_latest_finished_attempt_per_night(engine: Engine) -> None:
+    def night(track: str, day: str, detail: dict[str, int] | None, *, force: bool = False) -> None:
+        run_id, _ = ledger.open_run(engine, track, day, force=force)
+        ledger.start_stage(engine, run_id, "select")
+        if detail is not None:
+            ledger.finish_stage(engine, run_id, "select", detail)
+        ledger.finish_run(engine, run_id, "skipped", {})
+
+    night("support", "2026-11-20", {"n": 20})
+    night("support", "2026-11-21", {"n": 21})
+    night("support", "2026-11-21", {"n": 210}, force=True)  # a forced re-run: the later attempt counts
+    night("support", "2026-11-22", None)  # its select never finished
+    night("math", "2026-11-22", {"n": -1})  # another track
+    night("support", "2026-11-23", {"n": 23})  # tonight
+
+    def earlier(nights: int) -> list[dict[str, int]]:
+        return ledger.earlier_stage_details(
+            engine, "support", "select", before_night="2026-11-23", nights=nights
+        )
+
+    assert earlier(5) == [{"n": 210}, {"n": 20}]
+    assert earlier(1) == [{"n": 210}]
+    assert earlier(0) == []

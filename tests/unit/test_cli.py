@@ -145,8 +145,15 @@ def test_demo_prints_what_the_math_track_answers_through_the_server(monkeypatch:
         ],
         "browse": {"mlflow": "mlflow ui", "status": "overnight status", "prefect": "prefect server start"},
     }
-    monkeypatch.setattr(flows.demo, "run_demo", lambda nights, rows, on_stage: summary)
-    result = invoke("demo", "--nights", "1")
+    calls = []
+
+    def run_demo(nights: int, rows: int, users_per_night: int | None, on_stage: object) -> dict[str, object]:
+        calls.append((nights, rows, users_per_night))
+        return summary
+
+    monkeypatch.setattr(flows.demo, "run_demo", run_demo)
+    result = invoke("demo", "--nights", "1", "--users", "64")
     assert result.exit_code == 0, result.output
+    assert calls == [(1, 800, 64)]
     output = " ".join(result.stdout.split())
     assert "200 unseen sums" in output and "91 right as math, 82 as the base" in output

@@ -32,7 +32,8 @@ def test_the_support_track_learns_from_its_users(tmp_path: Path) -> None:
     support = config.track("support")
     assert support.filter.metadata == {"app": "nimbus-chat"}  # the users' app, as the gateway logs it
     train, gate = config.train_for("support"), config.gate_for("support")
-    assert train.method == "kto" and train.on_policy
+    assert train.method == "sft" and train.on_policy  # the best of its own samples, ranked by the reward
+    assert config.reward_model.history_nights > 0  # the users' feedback of the nights before counts too
     assert support.reward.judge == 0.0 and support.reward.reward_model == 1.0
     assert gate.temperature > 0 and gate.samples > 1 and gate.confirm_with == ["demo-concise-support"]
     assert {Path(suite).stem for suite in support.suites} == {
