@@ -170,7 +170,9 @@ def demo(
     from flows.demo import run_demo
 
     with stderr.status("starting") as status:
-        summary = run_demo(nights, rows, users_per_night=users_per_day, on_stage=lambda text: status.update(text))
+        summary = run_demo(
+            nights, rows, users_per_night=users_per_day, on_stage=lambda text: status.update(text)
+        )
     if wants_json(ctx, json_output):
         print_json(summary)
         return
