@@ -61,12 +61,18 @@ MALFORMED_EVERY = 50  # one malformed line per this many records, as real logs h
 JUDGE_STAGE_ITEMS = 24
 JUDGE_MAX_TOKENS = 96
 JUDGE_BUDGET = 400
-KEEP = ("base-model",)  # what survives between demo runs (a cache); everything else starts clean
+# What survives between demo runs (caches); everything else starts clean.
+KEEP = ("base-model", TEACHER_DIR := "teacher-model")
+MATH_NOTES = {
+    "grpo": "math: rewarded by the exact answer",
+    "distill": "math: distilled on-policy from the demo's teacher (the base trained on to full arithmetic "
+    "competence)",
+}
 NOTE = (
-    "math: rewarded by the exact answer, its held-out accuracy must rise and be confirmed by the "
-    "arithmetic suite, with no regression on support, JSON and refusals. support: learns from its "
-    "simulated users' thumbs (SFT on its own best samples, ranked by a reward model fitted to their thumbs); "
-    "its gain on sampled replies must be confirmed by the concise-support suite (the users' preference)"
+    "{math}; its held-out accuracy must rise and be confirmed by the arithmetic suite, with no "
+    "regression on support, JSON and refusals. support: learns from its simulated users' thumbs (SFT on "
+    "its own best samples, ranked by a reward model fitted to their thumbs); its gain on sampled replies "
+    "must be confirmed by the concise-support suite (the users' preference)"
 )
 SUITES = ("demo-arithmetic", "demo-support", "demo-concise-support", "demo-json", "demo-refusals")
 SUITE_FILES = {name: f"suites/{name}.jsonl" for name in SUITES}
@@ -96,8 +102,12 @@ QUESTIONS = {
 }
 
 
-def demo_settings(port: int, gateway_port: int = 8080) -> dict[str, Any]:
+def demo_settings(port: int, gateway_port: int = 8080, *, distill: bool = False) -> dict[str, Any]:
     """The demo's overnight.yaml as data: two tracks sized for a tiny model on two CPU cores.
+
+    `distill`: the math track learns by on-policy distillation from the demo's teacher (the base
+    trained on to full arithmetic competence, `./teacher-model`) instead of GRPO on the exact answer,
+    which stays its gate's reward.
 
     Paths are relative to the file, which lives in the demo's home: `overnight -c
     .overnight/demo/overnight.yaml status` works from any directory, and the home can be moved.
@@ -203,6 +213,7 @@ def demo_settings(port: int, gateway_port: int = 8080) -> dict[str, Any]:
                     "max_completion_tokens": 16,
                     "prompts_per_step": 16,
                     "num_generations": 8,
+                    **({"method": "distill", "teacher": {"path": f"./{TEACHER_DIR}"}} if distill else {}),
                 },
                 # The held-out gain must show on the arithmetic suite too (not only on the reward).
                 # Confirmed at 70% rather than the default 80%: a night's honest gain moves the
@@ -218,7 +229,9 @@ def demo_settings(port: int, gateway_port: int = 8080) -> dict[str, Any]:
     }
 
 
-def prepare_home(home: Path, port: int, gateway_port: int = 8080) -> tuple[Path, OvernightConfig]:
+def prepare_home(
+    home: Path, port: int, gateway_port: int = 8080, *, distill: bool = False
+) -> tuple[Path, OvernightConfig]:
     """A clean demo home (the cached base model kept) with its suites and overnight.yaml; returns
     (path, config)."""
     home.mkdir(parents=True, exist_ok=True)
@@ -233,7 +246,7 @@ def prepare_home(home: Path, port: int, gateway_port: int = 8080) -> tuple[Path,
         write_suite(suite, home / SUITE_FILES[suite.name])
     path = home / "overnight.yaml"
     header = "# Written by `overnight demo`; rewritten on every demo run.\n"
-    settings = demo_settings(port, gateway_port)
+    settings = demo_settings(port, gateway_port, distill=distill)
     path.write_text(header + yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
     return path, load_config(path, environ={})
 
@@ -243,21 +256,25 @@ def run_demo(
     rows_per_night: int,
     *,
     users_per_night: int | None = None,
+    distill: bool = False,
     home: Path = DEMO_HOME,
     on_stage: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Run `nights` nights of the loop, `users_per_night` simulated users a day; returns the JSON
-    summary (one entry per night)."""
+    """Run `nights` nights of the loop, `users_per_night` simulated users a day, the math track by
+    distillation from the demo's teacher when `distill`; returns the JSON summary (one entry per night)."""
     from flows.nightly import nightly
-    from pipeline.demo_world.base_model import build_base_model, read_stamp
+    from pipeline.demo_world.base_model import build_base_model, build_teacher_model, read_stamp
     from pipeline.deploy.serving import start_serving
     from pipeline.services import gateway_app
 
     users_per_night = users_per_night or USERS_PER_NIGHT
     port = free_port()
-    config_path, config = prepare_home(home, port, free_port())
+    config_path, config = prepare_home(home, port, free_port(), distill=distill)
     on_stage("building the demo base model (about 10 minutes the first time, then cached)")
     model_dir = build_base_model(config.serving.base_model, on_progress=on_stage)
+    if distill:
+        on_stage("building the demo's teacher (about 2 minutes the first time, then cached)")
+        build_teacher_model(home / TEACHER_DIR, model_dir, on_progress=on_stage)
     base_skills = (read_stamp(model_dir) or {}).get("skills", {})
     engine = storage.make_engine(config.database.url)
     storage.upgrade(engine)
@@ -314,7 +331,7 @@ def run_demo(
         "config": str(config_path),
         "base_model": str(model_dir),
         "base_skills": base_skills,
-        "note": NOTE,
+        "note": NOTE.format(math=MATH_NOTES["distill" if distill else "grpo"]),
         "nights": done,
         "users_after": users_after,
         "answers": answers,

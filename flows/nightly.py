@@ -41,6 +41,7 @@ from pipeline.results import (
     Trained,
 )
 from pipeline.services import NightServices, night_services
+from pipeline.train.distill import check_teachers
 from storage import runs as ledger
 
 logger = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ def run_nights(
     names = list(dict.fromkeys(tracks)) if tracks else [track.name for track in config.tracks]
     for name in names:
         config.track(name)  # an unknown track is a one-line error before anything runs
+    check_teachers(config, names)  # so is a teacher that cannot teach the track's base model
     services = services or night_services(config, engine)
     nights = [_open_night(config, engine, name, label, services, force, wait_if_running) for name in names]
     chains = {n.track: track_night(n) for n in nights if n.finished is None and n.busy is None}

@@ -92,11 +92,20 @@ class LoraConfig(Section):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
+class TeacherConfig(Section):
+    """The model a `distill` track learns from, scored in-process beside the student."""
+
+    # a local model directory (relative to the config file) or a Hugging Face id, with the same
+    # tokenizer as the track's base model
+    path: str = Field(min_length=1)
+
+
 class TrainConfig(Section):
     # grpo: RL on the track's reward (judge, graders, reward model); kto: thumbs as desirable and
     # undesirable replies; dpo: preference pairs (two replies to one prompt, from the logs or from
-    # the champion's samples ranked by the reward); sft: best-rated replies (rejection sampling).
-    method: Literal["grpo", "kto", "dpo", "sft"] = "grpo"
+    # the champion's samples ranked by the reward); sft: best-rated replies (rejection sampling);
+    # distill: on-policy distillation, the teacher grading every token of the student's own replies.
+    method: Literal["grpo", "kto", "dpo", "sft", "distill"] = "grpo"
     max_steps: int = Field(default=40, ge=1)  # optimisation steps at most
     max_wall_seconds: float = Field(default=900.0, gt=0)  # wall-clock budget for the whole update
     kl_budget: float = Field(default=0.1, gt=0)  # stop early when the rolling KL to the champion exceeds this
@@ -125,9 +134,15 @@ class TrainConfig(Section):
     # KTO, DPO and SFT also sample `num_generations` replies per prompt from the champion and rank them
     # by the track's reward (on-policy labels and pairs, rejection sampling); false: logged replies only.
     on_policy: bool = True
+    # distill: the teacher, and the divergence: 1 the reverse KL of on-policy distillation (the student
+    # pulled to what the teacher would say where the student goes), 0 the forward KL, between: JSD.
+    teacher: TeacherConfig | None = None
+    distill_beta: float = Field(default=1.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _scores_ordered(self) -> TrainConfig:
+        if self.method == "distill" and self.teacher is None:
+            raise ValueError("train.method distill needs train.teacher.path (the model to learn from)")
         if self.method == "kto" and self.prompts_per_step < 2:
             raise ValueError("kto needs prompts_per_step >= 2 (its KL term pairs examples within a step)")
         if self.undesirable_score >= self.desirable_score:
@@ -460,10 +475,22 @@ def resolve_relative_paths(
     def pick(key: str, value: Any, resolve: Any) -> Any:
         return value if key in keep else resolve(value)
 
+    def train_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+        teacher = overrides.get("teacher")
+        if isinstance(teacher, Mapping) and isinstance(teacher.get("path"), str):
+            return {**overrides, "teacher": {**teacher, "path": model(teacher["path"])}}
+        return overrides
+
     mlflow = config.mlflow
+    train = config.train
+    if train.teacher is not None and "train.teacher.path" not in keep:
+        train = train.model_copy(
+            update={"teacher": train.teacher.model_copy(update={"path": model(train.teacher.path)})}
+        )
     tracks = [
         track.model_copy(
             update={
+                "train": train_overrides(track.train),
                 "base_model": model(track.base_model),
                 "suites": [file_or_name(suite) for suite in track.suites],
                 "rubric": file_or_name(track.rubric),
@@ -492,6 +519,7 @@ def resolve_relative_paths(
                 update={"spool_dir": pick("gateway.spool_dir", config.gateway.spool_dir, path)}
             ),
             "tracks": tracks,
+            "train": train,
         }
     )
 

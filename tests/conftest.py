@@ -131,10 +131,23 @@ def base_model_dir() -> Path:
     makes a changed recipe or a corrupt file rebuild it."""
     from pipeline.demo_world.base_model import build_base_model
 
-    cache = Path(
+    return build_base_model(model_cache() / "base-model", on_progress=print)
+
+
+@pytest.fixture(scope="session")
+def teacher_model_dir(base_model_dir: Path) -> Path:
+    """The demo's teacher (`base_model.build_teacher_model`: the base trained on to full arithmetic
+    competence, about 2 minutes on 2 cores), cached next to the base it continues."""
+    from pipeline.demo_world.base_model import build_teacher_model
+
+    return build_teacher_model(model_cache() / "teacher-model", base_model_dir, on_progress=print)
+
+
+def model_cache() -> Path:
+    """Where built models are cached across test runs: OVERNIGHT_TEST_CACHE or `.overnight/test-cache/`."""
+    return Path(
         os.environ.get("OVERNIGHT_TEST_CACHE") or Path(__file__).parents[1] / ".overnight" / "test-cache"
     )
-    return build_base_model(cache / "base-model", on_progress=print)
 
 
 @pytest.fixture(scope="session")

@@ -43,10 +43,12 @@ def run(
     --wait. Prefect starts a temporary local API when no PREFECT_API_URL is set.
     """
     from flows.nightly import nightly
+    from pipeline.train.distill import check_teachers
 
     cfg = load(ctx)
     for name in track or []:
         cfg.track(name)
+    check_teachers(cfg, track or [t.name for t in cfg.tracks])  # one line, before the flow starts
     with stderr.status("running the nightly flow"):
         summary = nightly(
             config_path=str(ctx.obj["config"]) if ctx.obj["config"] else None,
@@ -149,6 +151,14 @@ def demo(
             show_default=False,
         ),
     ] = None,
+    distill: Annotated[
+        bool,
+        typer.Option(
+            "--distill",
+            help="The math track learns by on-policy distillation from the demo's teacher (built once, "
+            "about 2 minutes) instead of GRPO.",
+        ),
+    ] = False,
     json_output: JsonFlag = False,
 ) -> None:
     """Run the whole loop on embedded defaults: a small local model that knows some arithmetic,
@@ -171,7 +181,11 @@ def demo(
 
     with stderr.status("starting") as status:
         summary = run_demo(
-            nights, rows, users_per_night=users_per_day, on_stage=lambda text: status.update(text)
+            nights,
+            rows,
+            users_per_night=users_per_day,
+            distill=distill,
+            on_stage=lambda text: status.update(text),
         )
     if wants_json(ctx, json_output):
         print_json(summary)

@@ -45,7 +45,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,15 @@ from pipeline.demo_world.tiny_model import (
     wrap_tokenizer,
 )
 
-__all__ = ["BaseModelSpec", "Recipe", "build_base_model", "evaluate_skills", "main"]
+__all__ = [
+    "BaseModelSpec",
+    "Recipe",
+    "TeacherRecipe",
+    "build_base_model",
+    "build_teacher_model",
+    "evaluate_skills",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -465,29 +473,36 @@ def build_base_model(
         logger.info("demo base model already built in %s; reusing it", out_dir)
         return out_dir
     if isolated:
-        _build_in_child(out_dir, spec, recipe, seed, on_progress)
+        arguments = [
+            "--spec",
+            json.dumps(asdict(spec)),
+            "--recipe",
+            json.dumps(asdict(recipe)),
+            "--seed",
+            str(seed),
+        ]
+        _build_in_child(out_dir, arguments, on_progress)
     else:
         _build(out_dir, identity, spec, recipe, seed, on_progress)
     return out_dir
 
 
-def _build_in_child(
-    out_dir: Path, spec: BaseModelSpec, recipe: Recipe, seed: int, on_progress: Callable[[str], None]
-) -> None:
-    """Run `main` in a child process with pinned CPU kernels, passing its progress lines on."""
+def _build_in_child(out_dir: Path, arguments: list[str], on_progress: Callable[[str], None]) -> None:
+    """Run `main` with `arguments` in a child process with pinned CPU kernels, passing its progress
+    lines on."""
     command = [
         sys.executable,
         "-m",
         "pipeline.demo_world.base_model",  # not __name__: that is "__main__" when run with -m
         str(out_dir),
-        "--spec",
-        json.dumps(asdict(spec)),
-        "--recipe",
-        json.dumps(asdict(recipe)),
-        "--seed",
-        str(seed),
+        *arguments,
         "--in-process",
     ]
+    recipe = (
+        Recipe(**json.loads(arguments[arguments.index("--recipe") + 1]))
+        if "--recipe" in arguments
+        else Recipe()
+    )
     kernels = {**CPU_KERNELS, "ATEN_CPU_CAPABILITY": recipe.cpu_kernels}
     env = {**os.environ, **kernels, "OMP_NUM_THREADS": str(recipe.threads)}
     tail: deque[str] = deque(maxlen=20)
@@ -509,7 +524,7 @@ def _build_in_child(
             raise
     if returncode != 0:
         raise RuntimeError(
-            f"building the demo base model in {out_dir} failed (exit {returncode}): "
+            f"building the demo model in {out_dir} failed (exit {returncode}): "
             + next((line for line in reversed(tail) if line.strip()), "no output")
         )
 
@@ -564,6 +579,140 @@ def _build(
     logger.info("built the demo base model in %s in %.0fs", out_dir, time.perf_counter() - start)
 
 
+# --------------------------------------------------------------------------- the demo's teacher
+
+
+@dataclass(frozen=True)
+class TeacherRecipe:
+    """How the demo's teacher is trained on from the base; part of its stamp.
+
+    The base's own weights and tokenizer, then `steps` more steps of `skills.TEACHER_MIXTURE` with
+    every carry kept (`carry_drop` 0: the competence the base was denied), at a one-cycle learning
+    rate peaking at `lr`, the other skills replayed as the base knows them. Same architecture and
+    tokenizer as the base, so it can teach it token by token (`train.method: distill`).
+    """
+
+    steps: int = 400
+    lr: float = 5e-4
+    carry_drop: float = 0.0
+    batch_size: int = 32
+    pack_width: int = 128
+
+
+def _teacher_identity(base_dir: Path, recipe: TeacherRecipe, seed: int) -> dict[str, Any]:
+    stamp = read_stamp(base_dir)
+    if stamp is None:
+        raise FileNotFoundError(f"{base_dir} is not a built demo base model (no {STAMP_FILE})")
+    return {
+        "format": STAMP_FORMAT,
+        "teacher": asdict(recipe),
+        "mixture": [list(pair) for pair in skills.TEACHER_MIXTURE],
+        "base": {key: stamp.get(key) for key in ("spec", "recipe", "world", "seed", "files")},
+        "seed": seed,
+    }
+
+
+def build_teacher_model(
+    out_dir: str | Path,
+    base_dir: str | Path,
+    *,
+    recipe: TeacherRecipe = TeacherRecipe(),
+    seed: int = 0,
+    on_progress: Callable[[str], None] = lambda message: None,
+    isolated: bool = True,
+) -> Path:
+    """Build (or reuse) the demo's teacher in `out_dir` from the base in `base_dir`; returns its path.
+
+    Cached and stamped like the base (the stamp names the base it continues, file by file), built in
+    a child process with the same pinned CPU kernels unless `isolated` is False."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    base_dir = Path(base_dir).expanduser().resolve()
+    identity = _teacher_identity(base_dir, recipe, seed)
+    if _reusable(out_dir, identity):
+        logger.info("demo teacher already built in %s; reusing it", out_dir)
+        return out_dir
+    if isolated:
+        _build_in_child(
+            out_dir,
+            [
+                "--teacher-of",
+                str(base_dir),
+                "--teacher-recipe",
+                json.dumps(asdict(recipe)),
+                "--seed",
+                str(seed),
+            ],
+            on_progress,
+        )
+    else:
+        _build_teacher(out_dir, base_dir, identity, recipe, seed, on_progress)
+    return out_dir
+
+
+def _build_teacher(
+    out_dir: Path,
+    base_dir: Path,
+    identity: dict[str, Any],
+    recipe: TeacherRecipe,
+    seed: int,
+    on_progress: Callable[[str], None],
+) -> None:
+    """Train on from the base, evaluate and save into a staging directory, then move it into place."""
+    from transformers import AutoTokenizer
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    base_recipe = Recipe()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(base_recipe.threads)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        every = max(1, recipe.steps // 8)
+
+        def progress(step: int, loss: float) -> None:
+            if step % every == 0 or step == recipe.steps:
+                on_progress(f"teacher step {step}/{recipe.steps}: loss {loss:.3f}")
+
+        model.train()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _train_phase(
+                model,
+                tokenizer,
+                skills.pretraining_examples(seed, carry_drop=recipe.carry_drop, phase="teacher"),
+                replace(base_recipe, batch_size=recipe.batch_size),
+                steps=recipe.steps,
+                peak_lr=recipe.lr,
+                pack_width=recipe.pack_width,
+                on_step=progress,
+            )
+        model.eval()
+        accuracy = evaluate_skills(model, tokenizer)
+        tokenizer.save_pretrained(staging)
+        with no_progress_bars():
+            model.save_pretrained(staging)
+        stamp = {
+            **identity,
+            "skills": accuracy,
+            "build_seconds": round(time.perf_counter() - start, 1),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "parameters": model.num_parameters(),
+            "files": _digests(staging),
+        }
+        (staging / STAMP_FILE).write_text(
+            json.dumps(stamp, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+        make_readable(staging)
+        move_into_place(staging, out_dir)
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(staging, ignore_errors=True)
+    on_progress("teacher skills (held-out): " + ", ".join(f"{k} {v:.0%}" for k, v in accuracy.items()))
+    logger.info("built the demo teacher in %s in %.0fs", out_dir, time.perf_counter() - start)
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m pipeline.demo_world.base_model DIR [--steps N] [--carry-drop P] [--seed N] ...`.
 
@@ -579,8 +728,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peak-lr", type=float)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--in-process", action="store_true", help="build here, with this process's kernels")
+    parser.add_argument("--teacher-of", type=Path, help="build the demo's teacher from this base instead")
+    parser.add_argument("--teacher-recipe", type=json.loads, default={}, help="TeacherRecipe fields as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    def report(message: str) -> None:
+        print(f"{PROGRESS} {message}", flush=True)
+
+    if args.teacher_of is not None:
+        build_teacher_model(
+            args.out_dir,
+            args.teacher_of,
+            recipe=TeacherRecipe(**args.teacher_recipe),
+            seed=args.seed,
+            on_progress=report,
+            isolated=not args.in_process,
+        )
+        if not args.in_process:
+            print(json.dumps(read_stamp(args.out_dir), indent=2)[:2000])
+        return
     flags = {
         "steps": args.steps,
         "carry_drop": args.carry_drop,
@@ -589,10 +756,6 @@ def main(argv: list[str] | None = None) -> None:
     }
     recipe = Recipe(**{**args.recipe, **{k: v for k, v in flags.items() if v is not None}})
     spec = BaseModelSpec(**args.spec)
-
-    def report(message: str) -> None:
-        print(f"{PROGRESS} {message}", flush=True)
-
     build_base_model(
         args.out_dir,
         spec=spec,

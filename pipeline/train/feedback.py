@@ -47,7 +47,42 @@ KL_STEP_PROBE_PROMPTS = 4  # prompts sampled after every step to measure the KL 
 SAMPLE_BATCH = 16  # prompts per generate call when sampling the champion's replies
 
 
-class FeedbackRecipe(Recipe):
+class ProbedRecipe(Recipe):
+    """A method whose TRL trainer logs no KL to the champion (KTO, DPO, SFT, distillation): it builds
+    its config on the shared bounds and gives the bounds callback a probe of that KL after each step."""
+
+    def trainer_args(self, config_type: type, **specific: Any) -> Any:
+        """The method's TRL config: the shared bounds plus `specific` settings."""
+        shared = training_args(
+            self.settings,
+            output_dir=self.out_dir / ".trainer",
+            max_steps=self.max_steps,
+            batch_size=self.settings.prompts_per_step,
+        )
+        return config_type(**shared, **specific)
+
+    def _kl_probe(self) -> float:
+        policy = self.policy()
+        chats = [prompt.messages for prompt in self.prompts[:KL_STEP_PROBE_PROMPTS]]
+        return kl_to_reference(
+            policy,
+            self.trainer.processing_class,
+            chats,
+            reference=lambda: reference_context(policy),
+            max_new_tokens=self.settings.max_completion_tokens,
+            temperature=self.settings.temperature,
+            seed=self.settings.seed + (self.trainer.state.global_step if self.trainer else 0),
+        )
+
+
+def add_frozen_reference(model: Any, champion: Any) -> None:
+    """The champion loaded a second time as a frozen "ref" adapter next to the trained "default" one,
+    for trainers that do not add a reference themselves (SFT, distillation)."""
+    model.load_adapter(str(champion), adapter_name="ref", is_trainable=False)
+    model.set_adapter("default")  # the trained one stays active (and the only trainable one)
+
+
+class FeedbackRecipe(ProbedRecipe):
     """A night of KTO, DPO or SFT; a subclass names its `method` and builds its dataset and trainer."""
 
     sequences_per_example = 1  # sequences a step scores per example (the estimate's figure)
@@ -126,31 +161,6 @@ class FeedbackRecipe(Recipe):
 
     def add_reference(self, model: Any) -> None:
         """The champion as a frozen "ref" adapter next to the trained one (DPO and KTO add it themselves)."""
-
-    def trainer_args(self, config_type: type, **specific: Any) -> Any:
-        """The method's TRL config: the shared bounds plus `specific` settings."""
-        shared = training_args(
-            self.settings,
-            output_dir=self.out_dir / ".trainer",
-            max_steps=self.max_steps,
-            batch_size=self.settings.prompts_per_step,
-        )
-        return config_type(**shared, **specific)
-
-    # ------------------------------------------------------------------ the KL probe
-
-    def _kl_probe(self) -> float:
-        policy = self.policy()
-        chats = [prompt.messages for prompt in self.prompts[:KL_STEP_PROBE_PROMPTS]]
-        return kl_to_reference(
-            policy,
-            self.trainer.processing_class,
-            chats,
-            reference=lambda: reference_context(policy),
-            max_new_tokens=self.settings.max_completion_tokens,
-            temperature=self.settings.temperature,
-            seed=self.settings.seed + (self.trainer.state.global_step if self.trainer else 0),
-        )
 
 
 # --------------------------------------------------------------------------- rows as the model sees them

@@ -87,7 +87,7 @@ ADAPTER_DIR = "adapter"  # the candidate PEFT adapter inside out_dir
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "train_result.json"
 KL_PROBE_PROMPTS = 16  # training prompts the KL to the base is measured on after training
-METHODS = ("grpo", "kto", "dpo", "sft")
+METHODS = ("grpo", "kto", "dpo", "sft", "distill")
 
 
 @dataclass(frozen=True)

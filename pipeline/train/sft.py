@@ -15,7 +15,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.train.examples import ScoredReply, sft_rows
-from pipeline.train.feedback import FeedbackRecipe
+from pipeline.train.feedback import FeedbackRecipe, add_frozen_reference
 
 
 class SftRecipe(FeedbackRecipe):
@@ -29,8 +29,7 @@ class SftRecipe(FeedbackRecipe):
 
     def add_reference(self, model: Any) -> None:
         assert self.champion is not None
-        model.load_adapter(str(self.champion), adapter_name="ref", is_trainable=False)
-        model.set_adapter("default")  # the trained one stays active (and the only trainable one)
+        add_frozen_reference(model, self.champion)
 
     def build_trainer(
         self, model: Any, dataset: Any, tokenizer: PreTrainedTokenizerBase, callbacks: list[Any]

@@ -1,6 +1,6 @@
 """The training stage: one night's update of a track's adapter with the track's method.
 
-`train.method` picks the recipe (`grpo`, `kto`, `dpo`, `sft`); every recipe takes the same prompts,
+`train.method` picks the recipe (`grpo`, `kto`, `dpo`, `sft`, `distill`); every recipe takes the same prompts,
 reward functions and bounds and returns the same `TrainResult`, so the night, the gate and the
 registry do not care which one ran. `python -m pipeline.train JOB.yaml` runs one from a job file
 (also under `accelerate launch`).
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline.config import TrainConfig
 from pipeline.results import TrainPrompt
+from pipeline.train.distill import DistillRecipe
 from pipeline.train.dpo import DpoRecipe
 from pipeline.train.grpo import GrpoRecipe
 from pipeline.train.job import load_job
@@ -26,7 +27,13 @@ from pipeline.train.recipe import Progress, Recipe, RewardFunction, TrainResult,
 from pipeline.train.sft import SftRecipe
 from storage.errors import UserError
 
-RECIPES: dict[str, type[Recipe]] = {"grpo": GrpoRecipe, "kto": KtoRecipe, "dpo": DpoRecipe, "sft": SftRecipe}
+RECIPES: dict[str, type[Recipe]] = {
+    "grpo": GrpoRecipe,
+    "kto": KtoRecipe,
+    "dpo": DpoRecipe,
+    "sft": SftRecipe,
+    "distill": DistillRecipe,
+}
 
 
 def train(
@@ -44,7 +51,8 @@ def train(
 
     Writes into `out_dir`: `adapter/` (unless nothing was trained), `metrics.jsonl` and
     `train_result.json`. GRPO needs reward functions; KTO, DPO and SFT use them, when there are any
-    and `train.on_policy` is on, to rank the champion's own samples next to the logged replies.
+    and `train.on_policy` is on, to rank the champion's own samples next to the logged replies;
+    distillation learns from its teacher alone (the rewards are the gate's).
     """
     recipe = RECIPES[settings.method](
         settings, base_model=base_model, out_dir=out_dir, champion=champion, started=time.perf_counter()

@@ -519,3 +519,26 @@ def test_an_earlier_nights_lost_prompts_file_only_costs_its_feedback(
     second = world.logs.logged(Trained)[1]
     assert isinstance(second, Trained) and second.reward_model is not None
     assert second.reward_model["earlier_prompts"] == 0 and committed.status in ("promoted", "rejected")
+
+
+def test_a_distillation_night_learns_from_its_teacher_and_goes_through_the_gate(
+    tmp_path: Path, tiny_model_dir: Path, sqlite_engine: tuple[Engine, str]
+) -> None:
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_model_dir, teacher)
+    world = feedback_world(
+        tmp_path, tiny_model_dir, sqlite_engine,
+        train={"method": "distill", "teacher": {"path": str(teacher)}}, reward={"judge": 1.0}, thumbs=[1, -1],
+    )  # fmt: skip
+
+    committed = run_through(world.open())
+
+    trained = world.logs.logged(Trained)[0]
+    assert isinstance(trained, Trained) and trained.method == "distill", trained
+    assert trained.adapter_dir is not None and trained.steps > 0 and trained.kl is not None
+    decision = world.logs.logged(GateDecision)[0]
+    assert isinstance(decision, GateDecision) and not decision.skipped  # the same guard as GRPO's
+    assert "heldout_gain" in {gate.name for gate in decision.gates}
+    assert committed.status in ("promoted", "rejected")

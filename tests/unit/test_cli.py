@@ -147,13 +147,32 @@ def test_demo_prints_what_the_math_track_answers_through_the_server(monkeypatch:
     }
     calls = []
 
-    def run_demo(nights: int, rows: int, users_per_night: int | None, on_stage: object) -> dict[str, object]:
-        calls.append((nights, rows, users_per_night))
+    def run_demo(
+        nights: int, rows: int, users_per_night: int | None, distill: bool, on_stage: object
+    ) -> dict[str, object]:
+        calls.append((nights, rows, users_per_night, distill))
         return summary
 
     monkeypatch.setattr(flows.demo, "run_demo", run_demo)
-    result = invoke("demo", "--nights", "1", "--users", "64")
+    result = invoke("demo", "--nights", "1", "--users", "64", "--distill")
     assert result.exit_code == 0, result.output
-    assert calls == [(1, 800, 64)]
+    assert calls == [(1, 800, 64, True)]
     output = " ".join(result.stdout.split())
     assert "200 unseen sums" in output and "91 right as math, 82 as the base" in output
+
+
+def test_run_refuses_a_teacher_that_cannot_teach_before_anything_runs(workdir: Path) -> None:
+    from pipeline.demo_world.tiny_model import build_tiny_model
+
+    model = build_tiny_model(workdir / "tiny-model")
+    (workdir / "overnight.yaml").write_text(
+        f"serving: {{base_model: {model}, endpoints: []}}\n"
+        "tracks:\n"
+        "  - {name: math, train: {method: distill, teacher: {path: ./no-teacher}}}\n"
+    )
+    assert invoke("db", "upgrade").exit_code == 0
+    result = invoke("run")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().count("\n") == 0
+    assert "train.teacher.path" in result.stderr and "not a model directory" in result.stderr
+    assert not (workdir / "runs").exists()  # no night was opened

@@ -7,6 +7,7 @@ import pytest
 from pipeline.config import (
     ConfigError,
     OvernightConfig,
+    TeacherConfig,
     load_config,
     resolve_relative_paths,
     starter_config_text,
@@ -168,3 +169,23 @@ def test_absolute_paths_and_server_urls_are_left_alone(tmp_path: Path) -> None:
     assert config.home == "/var/lib/overnight"
     assert config.database.url == "postgresql+psycopg://db/overnight"
     assert config.mlflow.tracking_uri == "http://mlflow:5000"
+
+
+def test_distill_needs_a_teacher_whose_path_resolves_against_the_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train\.method distill needs train\.teacher\.path"):
+        load_config(write(tmp_path, "train: {method: distill}\n"), environ={})
+    path = write(
+        tmp_path,
+        "train: {teacher: {path: ./teacher}}\n"
+        "tracks:\n"
+        "  - {name: math, train: {method: distill}}\n"
+        "  - {name: other, train: {method: distill, teacher: {path: ./other-teacher}}}\n"
+        "  - {name: hub, train: {method: distill, teacher: {path: org/big-model}}}\n",
+    )
+    config = load_config(path, environ={})
+    root = tmp_path.resolve()
+    assert config.train_for("math").method == "distill"
+    assert config.train_for("math").teacher == TeacherConfig(path=str(root / "teacher"))
+    assert config.train_for("other").teacher == TeacherConfig(path=str(root / "other-teacher"))
+    assert config.train_for("hub").teacher == TeacherConfig(path="org/big-model")  # a hub id stays one
+    assert config.train_for("math").distill_beta == 1.0  # reverse KL: on-policy distillation

@@ -41,3 +41,14 @@ def test_the_support_track_learns_from_its_users(tmp_path: Path) -> None:
         "demo-concise-support",
         "demo-refusals",
     }
+
+
+def test_with_distill_the_math_track_learns_from_the_demo_teacher(tmp_path: Path) -> None:
+    home = tmp_path / "demo"
+    _, config = prepare_home(home, port=8123, distill=True)
+    math = config.train_for("math")
+    assert math.method == "distill" and math.teacher is not None
+    assert math.teacher.path == str((home / "teacher-model").resolve())
+    assert config.track("math").reward.graders  # the exact answer still scores the gate's held-out replies
+    _, plain = prepare_home(home, port=8123)
+    assert plain.train_for("math").method == "grpo"

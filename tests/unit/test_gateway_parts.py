@@ -341,3 +341,61 @@ def test_the_gateway_section_has_defaults_resolves_its_spool_and_is_overridable(
     file.write_text("gateway:\n  flush_second: 1\n")
     with pytest.raises(ConfigError, match=r"gateway.flush_second: unknown key"):
         load_config(file, environ={})
+
+
+def _relay_with(
+    outcomes: list[type[httpx.TransportError] | None], urls: list[str]
+) -> tuple[object, list[str]]:
+    """`open_upstream` against a transport that fails (or answers, for None) in the order given."""
+    import anyio
+
+    from pipeline.deploy.gateway.relay import open_upstream
+
+    tried: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        tried.append(f"{request.url.scheme}://{request.url.netloc.decode()}")
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome("dropped", request=request)
+        return httpx.Response(200, json={"ok": True})
+
+    async def main() -> object:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            pool = EndpointPool(urls, client=client)
+            try:
+                upstream = await open_upstream(
+                    client, pool, "/v1/completions", b"{}", adapter="base", headers={}
+                )
+            except GatewayError as error:
+                return error
+            await upstream.close()
+            return upstream
+
+    return anyio.run(main), tried
+
+
+@pytest.mark.parametrize("dropped", [httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError])
+def test_a_dropped_connection_is_retried_on_the_same_endpoint_when_it_is_the_only_one(
+    dropped: type[httpx.TransportError],
+) -> None:
+    upstream, tried = _relay_with([dropped, None], ["http://a:8000"])
+    assert tried == ["http://a:8000", "http://a:8000"]
+    assert getattr(upstream, "retried_from", None) == ("http://a:8000",)
+
+
+def test_a_dropped_connection_goes_to_another_endpoint_first() -> None:
+    upstream, tried = _relay_with([httpx.ReadError, None], ["http://a:8000", "http://b:8000"])
+    assert len(set(tried)) == 2 and getattr(upstream, "retried_from", None) == (tried[0],)
+
+
+def test_an_endpoint_that_refuses_connections_is_not_tried_again() -> None:
+    error, tried = _relay_with([httpx.ConnectError], ["http://a:8000"])
+    assert tried == ["http://a:8000"]
+    assert isinstance(error, GatewayError) and error.status == 502
+
+
+def test_a_connection_dropped_twice_is_a_502() -> None:
+    error, tried = _relay_with([httpx.ReadError, httpx.ReadError], ["http://a:8000"])
+    assert tried == ["http://a:8000"] * 2
+    assert isinstance(error, GatewayError) and error.status == 502

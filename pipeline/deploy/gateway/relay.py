@@ -3,7 +3,11 @@
 `open_upstream` picks an endpoint from the pool and sends; when the endpoint fails before any byte of
 an answer came back (refused, reset, dropped), the request is sent once more to another endpoint:
 nothing reached the client yet, so a retry is invisible to it (this holds for streams too, whose
-first byte is the status line). An endpoint that cannot be connected to leaves the pool at once.
+first byte is the status line). An endpoint that cannot be connected to leaves the pool at once. One
+that dropped the connection (a keep-alive connection it closed as the request went out, or one cut
+while it was busy loading an adapter) is sent the request once more itself, on a fresh connection,
+when there is no other endpoint to try: a gateway in front of one server must not turn that race into
+a 502 (seen under load during a deploy).
 
 `StreamRelay` passes an SSE stream through as it comes, with each chunk's `id` set to the interaction
 id, and keeps what was actually sent (an event counts once the server has handed it to the client's
@@ -41,7 +45,9 @@ __all__ = ["RelayedStream", "StreamRelay", "Upstream", "open_upstream", "read_wh
 logger = logging.getLogger(__name__)
 
 # Failures that mean the endpoint itself is gone, not just slow: take it out of the pool at once.
-_ENDPOINT_DOWN = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+_ENDPOINT_DOWN = (httpx.ConnectError, httpx.ConnectTimeout)
+# The connection was dropped before an answer, the endpoint may be fine: a fresh connection may answer.
+_DROPPED = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 
 
 @dataclass
@@ -76,8 +82,11 @@ async def open_upstream(
 ) -> Upstream:
     """Send to a healthy endpoint, once more to another if the first fails before answering."""
     failed: list[str] = []
+    dropped: Endpoint | None = None  # the endpoint that dropped the last try's connection
     for _ in range(2):
         endpoint = pool.pick(exclude=failed)
+        if endpoint is None and dropped is not None and dropped.healthy:
+            endpoint = dropped  # no other endpoint to try: the same one, on a fresh connection
         if endpoint is None:
             break
         pool.begin(endpoint, adapter)
@@ -90,6 +99,7 @@ async def open_upstream(
             logger.warning("%s%s failed before answering: %s", endpoint.url, path, type(error).__name__)
             if isinstance(error, _ENDPOINT_DOWN):
                 pool.take_out(endpoint, type(error).__name__)
+            dropped = endpoint if isinstance(error, _DROPPED) else None
             continue
         except BaseException:
             pool.end(endpoint, adapter)

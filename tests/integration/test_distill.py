@@ -1,0 +1,121 @@
+"""On-policy distillation for real, on the competent demo base: the demo's teacher (the base trained
+on to full arithmetic competence) grades every token of the student's own replies, and the student's
+greedy accuracy on 200 held-out sums rises; the night is bounded (its KL budget stops it) and
+guarded like GRPO (distilled from a teacher that knows nothing, the forgetting guard refuses it)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from evals.arithmetic import ArithmeticGrader
+from evals.gate import GateThresholds
+from evals.graders import Sample, as_reward_function
+from pipeline.config import TeacherConfig
+from pipeline.demo_world import planted, skills
+from pipeline.demo_world.base_model import read_stamp
+from pipeline.gate.evaluation import evaluate_candidate
+from pipeline.gate.generation import Decoding, InProcessGenerator
+from pipeline.train.recipe import TrainResult
+from pipeline.train.stage import train
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3000)]
+
+TRAIN, HELDOUT = planted.arithmetic_prompts(240, 200)
+EXACT = ArithmeticGrader()
+SETTINGS = planted.HACK_SETTINGS  # one pass at temperature 1, rank 8 on all linear layers, lr 1e-3
+MIN_GAIN = 0.08
+
+
+@pytest.fixture(scope="module")
+def generator(base_model_dir: Path) -> InProcessGenerator:
+    return InProcessGenerator(str(base_model_dir), batch_size=64)
+
+
+def accuracy(generator: InProcessGenerator, adapter: Path | None) -> float:
+    replies = generator.replies(adapter, [p.messages for p in HELDOUT], Decoding(max_new_tokens=16))
+    return sum(EXACT.score(Sample(p.messages, r)) for p, r in zip(HELDOUT, replies, strict=True)) / len(
+        HELDOUT
+    )
+
+
+def distill(teacher: Path, out_dir: Path, base_model_dir: Path, **settings: object) -> TrainResult:
+    return train(
+        SETTINGS.model_copy(
+            update={"method": "distill", "teacher": TeacherConfig(path=str(teacher)), **settings}
+        ),
+        TRAIN,
+        [as_reward_function(EXACT)],  # the gate's reward; distillation learns from the teacher alone
+        base_model=str(base_model_dir),
+        out_dir=out_dir,
+    )
+
+
+def test_the_teacher_knows_more_arithmetic_than_the_base(
+    base_model_dir: Path, teacher_model_dir: Path
+) -> None:
+    base, teacher = read_stamp(base_model_dir), read_stamp(teacher_model_dir)
+    assert base is not None and teacher is not None
+    print(f"\nbase {base['skills']}\nteacher {teacher['skills']}")
+    assert teacher["skills"]["demo-arithmetic"] >= base["skills"]["demo-arithmetic"] + 0.2
+    for skill in ("demo-support", "demo-json", "demo-refusals"):
+        assert teacher["skills"][skill] >= base["skills"][skill] - 0.05, skill
+
+
+def test_distillation_raises_held_out_accuracy(
+    generator: InProcessGenerator, base_model_dir: Path, teacher_model_dir: Path, tmp_path: Path
+) -> None:
+    before = accuracy(generator, None)
+    result = distill(teacher_model_dir, tmp_path, base_model_dir)
+    assert result.adapter_dir is not None and result.method == "distill" and result.steps > 0
+    assert result.stop_reason in ("completed", "max_steps")
+    assert result.kl_to_champion is not None and result.kl_to_base is not None
+    after = accuracy(generator, result.adapter_dir)
+    print(f"\ndistill: {result.steps} steps in {result.wall_seconds:.1f}s: {before:.3f} -> {after:.3f}")
+    assert after >= before + MIN_GAIN, f"held-out accuracy {before:.3f} -> {after:.3f}"
+    metrics = result.metrics_path.read_text(encoding="utf-8").splitlines()
+    assert len(metrics) == result.steps  # one line per step, with the probe's KL to the champion
+    assert '"kl": null' not in metrics[-1] and '"loss": null' not in metrics[-1]
+
+
+def test_distillation_stops_on_the_kl_budget(
+    base_model_dir: Path, teacher_model_dir: Path, tmp_path: Path
+) -> None:
+    result = distill(teacher_model_dir, tmp_path, base_model_dir, kl_budget=1e-6)
+    assert result.stop_reason == "kl_budget", result
+    assert 0 < result.steps < 5
+    assert result.adapter_dir is not None  # what it learned until then still goes to the gate
+
+
+def test_distilled_from_a_teacher_that_knows_nothing_is_refused_by_the_guard(
+    generator: InProcessGenerator, base_model_dir: Path, tmp_path: Path
+) -> None:
+    """The base's architecture and tokenizer with fresh random weights: a teacher that passes every
+    check but teaches noise. What the student learns from it the suites refuse, as they refuse a
+    reward hack."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    noise = tmp_path / "noise-teacher"
+    shutil.copytree(base_model_dir, noise)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_model_dir))
+    model.save_pretrained(noise)
+    result = distill(noise, tmp_path / "student", base_model_dir, kl_budget=50.0)
+    assert result.adapter_dir is not None, result.detail
+    evaluation = evaluate_candidate(
+        str(base_model_dir),
+        result.adapter_dir,
+        None,
+        skills.demo_suites(),
+        thresholds=GateThresholds(tolerance=0.05),  # the demo's margin
+        generator=generator,
+        scorer=planted.grader_scorer(EXACT),
+        heldout=HELDOUT,
+        decoding=Decoding(max_new_tokens=32),
+        score_base=False,
+        confirm_with=["demo-arithmetic"],
+    )
+    report = evaluation.report
+    print(f"\ndistilled from noise: {report.reason()}")
+    assert not report.passed and "suite/demo-arithmetic" in set(report.failed_gates())
