@@ -62,7 +62,8 @@ JUDGE_STAGE_ITEMS = 24
 JUDGE_MAX_TOKENS = 96
 JUDGE_BUDGET = 400
 # What survives between demo runs (caches); everything else starts clean.
-KEEP = ("base-model", TEACHER_DIR := "teacher-model")
+TEACHER_DIR = "teacher-model"
+KEEP = ("base-model", TEACHER_DIR)
 MATH_NOTES = {
     "grpo": "math: rewarded by the exact answer",
     "distill": "math: distilled on-policy from the demo's teacher (the base trained on to full arithmetic "

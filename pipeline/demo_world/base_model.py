@@ -481,15 +481,17 @@ def build_base_model(
             "--seed",
             str(seed),
         ]
-        _build_in_child(out_dir, arguments, on_progress)
+        _build_in_child(out_dir, arguments, recipe, on_progress)
     else:
         _build(out_dir, identity, spec, recipe, seed, on_progress)
     return out_dir
 
 
-def _build_in_child(out_dir: Path, arguments: list[str], on_progress: Callable[[str], None]) -> None:
-    """Run `main` with `arguments` in a child process with pinned CPU kernels, passing its progress
-    lines on."""
+def _build_in_child(
+    out_dir: Path, arguments: list[str], recipe: Recipe, on_progress: Callable[[str], None]
+) -> None:
+    """Run `main` with `arguments` in a child process with `recipe`'s pinned CPU kernels and threads,
+    passing its progress lines on."""
     command = [
         sys.executable,
         "-m",
@@ -498,11 +500,6 @@ def _build_in_child(out_dir: Path, arguments: list[str], on_progress: Callable[[
         *arguments,
         "--in-process",
     ]
-    recipe = (
-        Recipe(**json.loads(arguments[arguments.index("--recipe") + 1]))
-        if "--recipe" in arguments
-        else Recipe()
-    )
     kernels = {**CPU_KERNELS, "ATEN_CPU_CAPABILITY": recipe.cpu_kernels}
     env = {**os.environ, **kernels, "OMP_NUM_THREADS": str(recipe.threads)}
     tail: deque[str] = deque(maxlen=20)
@@ -555,28 +552,40 @@ def _build(
                 on_progress(f"{phase} step {step}/{total}: loss {loss:.3f}")
 
         pretrain(model, tokenizer, recipe, seed, on_step=progress)
-        accuracy = evaluate_skills(model, tokenizer)
-        tokenizer.save_pretrained(staging)
-        with no_progress_bars():
-            model.save_pretrained(staging)
-        stamp = {
-            **identity,
-            "skills": accuracy,
-            "build_seconds": round(time.perf_counter() - start, 1),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "parameters": model.num_parameters(),
-            "files": _digests(staging),
-        }
-        (staging / STAMP_FILE).write_text(
-            json.dumps(stamp, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-        )
-        make_readable(staging)
-        move_into_place(staging, out_dir)
+        accuracy = _save_build(model, tokenizer, identity, staging, out_dir, start)
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(staging, ignore_errors=True)
     on_progress("skills (held-out): " + ", ".join(f"{k} {v:.0%}" for k, v in accuracy.items()))
     logger.info("built the demo base model in %s in %.0fs", out_dir, time.perf_counter() - start)
+
+
+def _save_build(
+    model: LlamaForCausalLM,
+    tokenizer: Any,
+    identity: dict[str, Any],
+    staging: Path,
+    out_dir: Path,
+    start: float,
+) -> dict[str, float]:
+    """Evaluate the built model, save it with its stamp into `staging`, move that into place; returns
+    its skills."""
+    accuracy = evaluate_skills(model, tokenizer)
+    tokenizer.save_pretrained(staging)
+    with no_progress_bars():
+        model.save_pretrained(staging)
+    stamp = {
+        **identity,
+        "skills": accuracy,
+        "build_seconds": round(time.perf_counter() - start, 1),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "parameters": model.num_parameters(),
+        "files": _digests(staging),
+    }
+    (staging / STAMP_FILE).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    make_readable(staging)
+    move_into_place(staging, out_dir)
+    return accuracy
 
 
 # --------------------------------------------------------------------------- the demo's teacher
@@ -642,6 +651,7 @@ def build_teacher_model(
                 "--seed",
                 str(seed),
             ],
+            Recipe(),  # the base's kernels and threads
             on_progress,
         )
     else:
@@ -689,23 +699,7 @@ def _build_teacher(
                 on_step=progress,
             )
         model.eval()
-        accuracy = evaluate_skills(model, tokenizer)
-        tokenizer.save_pretrained(staging)
-        with no_progress_bars():
-            model.save_pretrained(staging)
-        stamp = {
-            **identity,
-            "skills": accuracy,
-            "build_seconds": round(time.perf_counter() - start, 1),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "parameters": model.num_parameters(),
-            "files": _digests(staging),
-        }
-        (staging / STAMP_FILE).write_text(
-            json.dumps(stamp, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-        )
-        make_readable(staging)
-        move_into_place(staging, out_dir)
+        accuracy = _save_build(model, tokenizer, identity, staging, out_dir, start)
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(staging, ignore_errors=True)
