@@ -93,11 +93,35 @@ class LoraConfig(Section):
 
 
 class TeacherConfig(Section):
-    """The model a `distill` track learns from, scored in-process beside the student."""
+    """The model a `distill` track learns from: a local model scored in-process beside the student
+    (`path`), or an OpenAI-compatible endpoint that returns prompt log-probabilities (`base_url` and
+    `model`; vLLM's `prompt_logprobs`). Either way it must share the track's base model's tokenizer."""
 
-    # a local model directory (relative to the config file) or a Hugging Face id, with the same
-    # tokenizer as the track's base model
-    path: str = Field(min_length=1)
+    # a local model directory (relative to the config file) or a Hugging Face id
+    path: str | None = Field(default=None, min_length=1)
+    base_url: str | None = Field(default=None, min_length=1)  # e.g. http://big-model:8000/v1
+    model: str | None = Field(default=None, min_length=1)  # the served model's name at base_url
+    api_key: SecretStr | None = None  # sent as a Bearer token; never logged
+    timeout_seconds: float = Field(default=60.0, gt=0)  # per request (one request per training step)
+    max_retries: int = Field(default=4, ge=0)  # retries with exponential backoff, as the judge's
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> TeacherConfig:
+        if (self.path is None) == (self.base_url is None):
+            raise ValueError(
+                "train.teacher needs either path (a local model) or base_url and model (an endpoint), "
+                "not both"
+            )
+        if self.base_url is not None and self.model is None:
+            raise ValueError("train.teacher.base_url needs train.teacher.model (the served model's name)")
+        return self
+
+    @property
+    def where(self) -> str:
+        """The teacher as a message names it."""
+        if self.path is not None:
+            return f"train.teacher.path {self.path!r}"
+        return f"teacher {self.model} at {self.base_url}"
 
 
 class TrainConfig(Section):
@@ -142,7 +166,9 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _scores_ordered(self) -> TrainConfig:
         if self.method == "distill" and self.teacher is None:
-            raise ValueError("train.method distill needs train.teacher.path (the model to learn from)")
+            raise ValueError(
+                "train.method distill needs train.teacher (a path, or a base_url and model: the model to learn from)"
+            )
         if self.method == "kto" and self.prompts_per_step < 2:
             raise ValueError("kto needs prompts_per_step >= 2 (its KL term pairs examples within a step)")
         if self.undesirable_score >= self.desirable_score:

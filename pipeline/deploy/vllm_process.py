@@ -32,6 +32,9 @@ class ServerSpec:
     served_name: str = "base"  # name clients use for the base model
     host: str = "127.0.0.1"
     port: int = 8000
+    # Adapters are served beside the base. Off for a server that only scores (a distillation
+    # teacher): vLLM 0.32's CPU engine fails on batched prompt log-probabilities with LoRA enabled.
+    enable_lora: bool = True
     max_loras: int = 4  # adapters resident at once
     max_lora_rank: int = 8
     max_model_len: int = 512
@@ -69,12 +72,17 @@ def server_command(spec: ServerSpec) -> list[str]:
         "--served-model-name", spec.served_name,
         "--host", spec.host,
         "--port", str(spec.port),
-        "--enable-lora",
-        "--max-loras", str(spec.max_loras),
-        "--max-lora-rank", str(spec.max_lora_rank),
         "--max-model-len", str(spec.max_model_len),
         "--dtype", spec.dtype,
     ]  # fmt: skip
+    if spec.enable_lora:
+        command += [
+            "--enable-lora",
+            "--max-loras",
+            str(spec.max_loras),
+            "--max-lora-rank",
+            str(spec.max_lora_rank),
+        ]
     command.append("--enable-prefix-caching" if spec.prefix_caching else "--no-enable-prefix-caching")
     # Constrained JSON without free whitespace: a judge cannot pad an answer until max_tokens cuts it.
     command += ["--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']

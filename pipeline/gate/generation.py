@@ -2,25 +2,30 @@
 
 Two `ReplyGenerator`s: the serving engine (`ServerGenerator`: the candidate is loaded into the vLLM
 server under a temporary adapter name and unloaded after, so the champion's serving names are never
-touched) and transformers in-process (`InProcessGenerator`). Decoding is greedy by default, so a
+touched; the base is asked through a temporary all-zero adapter, see `ServerGenerator`) and
+transformers in-process (`InProcessGenerator`). Decoding is greedy by default, so a
 rerun gives the same replies. `probe_kl` measures the candidate's exact per-token KL to the base from
 full-vocabulary log-probabilities in-process (a server returns only the top few log-probabilities).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from pipeline.adapters import check_adapter_dir
+from pipeline.adapters import CONFIG_FILE, WEIGHTS_FILE, check_adapter_dir
 from pipeline.deploy.vllm_client import VllmClient
 from pipeline.train.kl import completion_mask, masked_token_kl
 from pipeline.train.recipe import load_base
@@ -202,6 +207,42 @@ class InProcessGenerator:
         )
 
 
+def write_zero_adapter(template: Path, out_dir: Path) -> Path:
+    """A LoRA adapter that is the base itself: `template`'s config and LoRA shapes, every weight zero.
+
+    Only the `lora_*` tensors are kept (zeroed) and `modules_to_save` is dropped, so vLLM adds exactly
+    zero wherever the adapter applies. Files are world-readable: the server may run as another user.
+    """
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((template / CONFIG_FILE).read_text(encoding="utf-8"))
+    config["modules_to_save"] = None
+    tensors = load_file(str(template / WEIGHTS_FILE))
+    zeros = {key: torch.zeros_like(value) for key, value in tensors.items() if ".lora_" in key}
+    if not zeros:
+        raise ValueError(f"{template}: no LoRA weights to shape a zero adapter on")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    save_file(zeros, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    for path in (out_dir, out_dir / CONFIG_FILE, out_dir / WEIGHTS_FILE):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return out_dir
+
+
+@contextmanager
+def _zero_adapter(template: Path) -> Iterator[Path]:
+    """A temporary zero adapter beside `template` (where the server reads adapters), removed after."""
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix=".gate-zero-", dir=template.parent))
+    except OSError:  # a read-only adapter directory: this machine's temporary directory
+        scratch = Path(tempfile.mkdtemp(prefix="gate-zero-"))
+    try:
+        os.chmod(scratch, 0o755)
+        yield write_zero_adapter(template, scratch / "adapter")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class ServerGenerator:
     """A running vLLM server: an adapter is loaded under a temporary name, asked, then unloaded.
@@ -210,19 +251,47 @@ class ServerGenerator:
     `<track>@v<N>` names the gateway routes to keep serving what they served. Requests go out
     `concurrency` at a time and the server batches them. The adapter directory must be readable by
     the server at the same path (same machine, or a shared volume).
+
+    The base is asked through a temporary all-zero adapter shaped like the last adapter asked (the
+    gate asks the candidate first), not under `base_name`: vLLM's CPU LoRA kernels
+    (`vllm/lora/ops/torch_ops/lora_ops.py`, `lora_b_weights[lora_indices_tensor]`) give a token of
+    a request without an adapter (index -1) the weights of the LAST adapter slot whenever its batch
+    also holds an adapter request (another track's gate, a user of a served track), and slots keep
+    their weights after an unload. Under an adapter of its own a base request has a real slot that
+    adds exactly zero. Only when no adapter was asked yet is the base asked under `base_name`.
     """
 
     client: VllmClient
     base_name: str  # the name the server serves the base model under
     name_prefix: str = "gate"
     concurrency: int = 16
+    # The last adapter asked, which the base's zero adapter copies the shape of (mutable on purpose).
+    _shape_of: list[Path] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def replies(self, adapter: Path | None, prompts: Sequence[Chat], decoding: Decoding) -> list[str]:
         if adapter is None:
-            return self._ask(self.base_name, prompts, decoding)
+            return self._base_replies(prompts, decoding)
         check_adapter_dir(adapter)
-        name = f"{self.name_prefix}-{uuid.uuid4().hex[:10]}"
-        self.client.load_adapter(name, str(Path(adapter).resolve()))
+        resolved = Path(adapter).resolve()
+        self._shape_of[:] = [resolved]
+        return self._ask_adapter(resolved, prompts, decoding)
+
+    def _base_replies(self, prompts: Sequence[Chat], decoding: Decoding) -> list[str]:
+        if not self._shape_of:
+            logger.warning(
+                "asking the base as %r: with no adapter asked yet there is no zero adapter to ask it "
+                "through, and batched with adapter requests its replies may carry an adapter's weights",
+                self.base_name,
+            )
+            return self._ask(self.base_name, prompts, decoding)
+        with _zero_adapter(self._shape_of[0]) as zero:
+            return self._ask_adapter(zero, prompts, decoding, prefix=f"{self.name_prefix}-base")
+
+    def _ask_adapter(
+        self, adapter: Path, prompts: Sequence[Chat], decoding: Decoding, *, prefix: str | None = None
+    ) -> list[str]:
+        name = f"{prefix or self.name_prefix}-{uuid.uuid4().hex[:10]}"
+        self.client.load_adapter(name, str(adapter))
         try:
             return self._ask(name, prompts, decoding)
         finally:

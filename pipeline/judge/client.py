@@ -223,7 +223,7 @@ class _GuardedClient(httpx2.AsyncClient):
     async def send(self, request: httpx2.Request, **kwargs: Any) -> httpx2.Response:
         self._breaker.check()
         self._stats.calls += 1
-        if _attempts(request) > 1:
+        if attempts(request) > 1:
             self._stats.retries += 1
         try:
             response = await super().send(request, **kwargs)
@@ -251,7 +251,7 @@ class ChatEndpoint:
     def __init__(self, settings: JudgeSettings, stats: JudgeStats) -> None:
         self.settings = settings
         self.stats = stats
-        self.base_url = _api_root(settings.base_url)
+        self.base_url = api_root(settings.base_url)
         self.url = f"{self.base_url}/chat/completions"
         self.structured_output = True  # switched off once when the server refuses response_format
         self._breaker = _Breaker(settings.breaker_threshold, settings.breaker_cooldown_seconds)
@@ -324,10 +324,10 @@ class ChatEndpoint:
         if isinstance(error, openai.APIConnectionError):
             cause = error.__cause__
             problem = (
-                f"{type(cause).__name__}: {_brief(str(cause)) or 'no answer'}" if cause else error.message
+                f"{type(cause).__name__}: {brief(str(cause)) or 'no answer'}" if cause else error.message
             )
-            return JudgeUnavailable(f"{where} failed after {_attempts(error.request)} attempts: {problem}")
-        return JudgeUnavailable(f"{where} failed: {_brief(str(error))}")
+            return JudgeUnavailable(f"{where} failed after {attempts(error.request)} attempts: {problem}")
+        return JudgeUnavailable(f"{where} failed: {brief(str(error))}")
 
 
 def _json_schema_format(schema: dict[str, Any]) -> ResponseFormatJSONSchema:
@@ -337,19 +337,19 @@ def _json_schema_format(schema: dict[str, Any]) -> ResponseFormatJSONSchema:
 def _status_failure(where: str, error: openai.APIStatusError) -> Exception:
     status = error.status_code
     if status in ITEM_STATUS:
-        return ItemRejected(f"judge refused the item (HTTP {status}): {_brief(_error_message(error))}")
-    said = f"HTTP {status}: {_brief(error.response.text)}"
-    if _attempts(error.request) > 1:
-        return JudgeUnavailable(f"{where} failed after {_attempts(error.request)} attempts: {said}")
+        return ItemRejected(f"judge refused the item (HTTP {status}): {brief(error_message(error))}")
+    said = f"HTTP {status}: {brief(error.response.text)}"
+    if attempts(error.request) > 1:
+        return JudgeUnavailable(f"{where} failed after {attempts(error.request)} attempts: {said}")
     return JudgeUnavailable(f"{where} answered {said}")
 
 
-def _attempts(request: httpx2.Request) -> int:
+def attempts(request: httpx2.Request) -> int:
     """How many attempts the SDK made, read from the last one's retry number."""
     return int(request.headers.get(RETRY_COUNT_HEADER, "0")) + 1
 
 
-def _api_root(base_url: str) -> str:
+def api_root(base_url: str) -> str:
     root = base_url.rstrip("/")
     return root if root.endswith("/v1") else f"{root}/v1"
 
@@ -365,17 +365,17 @@ def _reply(completion: ChatCompletion) -> ChatReply:
 
 
 def _not_a_completion(text: str) -> JudgeUnavailable:
-    return JudgeUnavailable(f"judge answered something that is not a chat completion: {_brief(text)}")
+    return JudgeUnavailable(f"judge answered something that is not a chat completion: {brief(text)}")
 
 
-def _error_message(error: openai.APIStatusError) -> str:
+def error_message(error: openai.APIStatusError) -> str:
     body = error.body  # the SDK has already unwrapped {"error": ...}
     if isinstance(body, dict):
         return str(cast(dict[str, Any], body).get("message", body))
     return str(body) if body else error.response.text
 
 
-def _brief(text: str, limit: int = 160) -> str:
+def brief(text: str, limit: int = 160) -> str:
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
 

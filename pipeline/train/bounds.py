@@ -107,7 +107,8 @@ class StepMetrics:
 
 
 # The figures KTO, DPO and SFT log per step that say whether they learn: the implicit rewards of the
-# chosen and rejected replies, their margin, the share of pairs ranked right, the token accuracy.
+# chosen and rejected replies, their margin, the share of pairs ranked right, the token accuracy;
+# distillation from an endpoint teacher its estimate of the reverse KL to the teacher.
 PREFERENCE_FIGURES = (
     "rewards/chosen",
     "rewards/rejected",
@@ -116,6 +117,7 @@ PREFERENCE_FIGURES = (
     "logps/chosen",
     "logps/rejected",
     "mean_token_accuracy",
+    "teacher_reverse_kl",
 )
 
 

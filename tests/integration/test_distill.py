@@ -1,12 +1,22 @@
 """On-policy distillation for real, on the competent demo base: the demo's teacher (the base trained
 on to full arithmetic competence) grades every token of the student's own replies, and the student's
 greedy accuracy on 200 held-out sums rises; the night is bounded (its KL budget stops it) and
-guarded like GRPO (distilled from a teacher that knows nothing, the forgetting guard refuses it)."""
+guarded like GRPO (distilled from a teacher that knows nothing, the forgetting guard refuses it).
+
+The same teacher served by a real vLLM server (its OpenAI-compatible API, `prompt_logprobs`) teaches
+through `train.teacher.base_url` too; a student with another tokenizer, or a model the endpoint does
+not serve, is refused before anything trains. The teacher's server runs without LoRA
+(`ServerSpec.enable_lora`): vLLM 0.32's CPU engine fails on batched prompt log-probabilities with
+LoRA enabled."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +28,7 @@ from pipeline.demo_world import planted, skills
 from pipeline.demo_world.base_model import read_stamp
 from pipeline.gate.evaluation import evaluate_candidate
 from pipeline.gate.generation import Decoding, InProcessGenerator
+from pipeline.train.distill import TeacherMismatch, check_teacher
 from pipeline.train.recipe import TrainResult
 from pipeline.train.stage import train
 
@@ -41,11 +52,13 @@ def accuracy(generator: InProcessGenerator, adapter: Path | None) -> float:
     )
 
 
-def distill(teacher: Path, out_dir: Path, base_model_dir: Path, **settings: object) -> TrainResult:
+def distill(
+    teacher: Path | TeacherConfig, out_dir: Path, base_model_dir: Path, **settings: object
+) -> TrainResult:
+    if isinstance(teacher, Path):
+        teacher = TeacherConfig(path=str(teacher))
     return train(
-        SETTINGS.model_copy(
-            update={"method": "distill", "teacher": TeacherConfig(path=str(teacher)), **settings}
-        ),
+        SETTINGS.model_copy(update={"method": "distill", "teacher": teacher, **settings}),
         TRAIN,
         [as_reward_function(EXACT)],  # the gate's reward; distillation learns from the teacher alone
         base_model=str(base_model_dir),
@@ -119,3 +132,59 @@ def test_distilled_from_a_teacher_that_knows_nothing_is_refused_by_the_guard(
     report = evaluation.report
     print(f"\ndistilled from noise: {report.reason()}")
     assert not report.passed and "suite/demo-arithmetic" in set(report.failed_gates())
+
+
+@pytest.fixture(scope="module")
+def teacher_server(teacher_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The demo's teacher served by vLLM (without LoRA), as a platform serves its big model."""
+    from pipeline.deploy.vllm_process import ServerSpec, VllmServer, free_port, vllm_installed
+
+    if not vllm_installed():
+        if os.environ.get("OVERNIGHT_REQUIRE_VLLM") == "1":
+            pytest.fail("vLLM is not installed (OVERNIGHT_REQUIRE_VLLM=1)")
+        pytest.skip("vLLM is not installed (pip install -e '.[cpu]')")
+    log = tmp_path_factory.mktemp("teacher-server") / "server.log"
+    spec = ServerSpec(model=str(teacher_model_dir), served_name="teacher", port=free_port(),
+                      dtype="float32", max_model_len=1024, enable_lora=False, log_file=log)  # fmt: skip
+    server = VllmServer(spec)
+    try:
+        server.start(timeout_seconds=600)
+    except Exception:
+        print(log.read_text()[-4000:])
+        raise
+    yield server
+    server.stop()
+
+
+def test_distillation_from_a_served_teacher_raises_held_out_accuracy(
+    generator: InProcessGenerator, teacher_server: Any, base_model_dir: Path, tmp_path: Path
+) -> None:
+    teacher = TeacherConfig(base_url=teacher_server.base_url, model="teacher", max_retries=1)
+    check_teacher(teacher, str(base_model_dir))  # served, gives log-probabilities, the same tokenizer
+    before = accuracy(generator, None)
+    result = distill(teacher, tmp_path, base_model_dir)
+    assert result.adapter_dir is not None and result.method == "distill"
+    after = accuracy(generator, result.adapter_dir)
+    steps = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    estimates = [step["preference"]["teacher_reverse_kl"] for step in steps]
+    print(f"\ndistill from {teacher.where}: {result.steps} steps in {result.wall_seconds:.1f}s: "
+          f"{before:.3f} -> {after:.3f}; reverse-KL estimate {estimates[0]:.3f} -> {estimates[-1]:.3f}")  # fmt: skip
+    assert len(estimates) == result.steps > 0
+    assert after >= before + MIN_GAIN, f"held-out accuracy {before:.3f} -> {after:.3f}"
+
+
+def test_a_student_with_another_tokenizer_is_refused_by_the_served_teacher(
+    teacher_server: Any, tiny_model_dir: Path
+) -> None:
+    teacher = TeacherConfig(base_url=teacher_server.base_url, model="teacher")
+    with pytest.raises(TeacherMismatch) as caught:
+        check_teacher(teacher, str(tiny_model_dir))  # the tiny model's tokenizer is not the demo's
+    message = str(caught.value)
+    assert message.startswith(f"teacher teacher at {teacher_server.base_url}/v1 ") and "\n" not in message
+    assert "tokenizer" in message
+
+
+def test_a_model_the_endpoint_does_not_serve_is_refused(teacher_server: Any, base_model_dir: Path) -> None:
+    teacher = TeacherConfig(base_url=teacher_server.base_url, model="no-such-model")
+    with pytest.raises(TeacherMismatch, match=r"does not serve 'no-such-model' \(it serves teacher\)$"):
+        check_teacher(teacher, str(base_model_dir))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -12,7 +13,7 @@ from sqlalchemy import create_engine
 
 from pipeline.config import ConfigError, OvernightConfig, load_config
 from pipeline.deploy.gateway.access import bearer_token
-from pipeline.deploy.gateway.app import parse_feedback
+from pipeline.deploy.gateway.app import parse_feedback, refuse_prompt_logprobs
 from pipeline.deploy.gateway.endpoint_pool import EndpointPool
 from pipeline.deploy.gateway.exchange import (
     Caller,
@@ -399,3 +400,25 @@ def test_a_connection_dropped_twice_is_a_502() -> None:
     error, tried = _relay_with([httpx.ReadError, httpx.ReadError], ["http://a:8000"])
     assert tried == ["http://a:8000"] * 2
     assert isinstance(error, GatewayError) and error.status == 502
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "math", "prompt": "2+2", "prompt_logprobs": 0}, "prompt_logprobs"),
+        ({"model": "math", "messages": [], "prompt_logprobs": 5}, "prompt_logprobs"),
+        ({"model": "math", "prompt": "2+2", "echo": True, "logprobs": 1}, "echo"),
+    ],
+)
+def test_prompt_logprobs_are_refused_before_they_reach_the_engine(body: dict[str, Any], param: str) -> None:
+    """vLLM's CPU engine with LoRA fails on batched prompt log-probabilities, and then serves no track."""
+    with pytest.raises(GatewayError) as caught:
+        refuse_prompt_logprobs(body)
+    assert caught.value.status == 400 and caught.value.param == param
+
+
+def test_ordinary_logprobs_and_echo_alone_pass() -> None:
+    refuse_prompt_logprobs({"model": "math", "prompt": "2+2", "logprobs": 2})
+    refuse_prompt_logprobs({"model": "math", "prompt": "2+2", "echo": True})
+    refuse_prompt_logprobs({"model": "math", "messages": [], "logprobs": True, "top_logprobs": 2})
+    refuse_prompt_logprobs({"model": "math", "prompt": "2+2", "prompt_logprobs": None})

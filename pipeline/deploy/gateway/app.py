@@ -148,6 +148,7 @@ class Gateway:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise GatewayError(400, "`model` is required and must be a string.", param="model")
+        refuse_prompt_logprobs(body)
         route = self.routes.resolve(model)
         if not caller.allows(route.track):
             raise GatewayError(
@@ -280,6 +281,20 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise GatewayError(400, "The request body must be a JSON object.")
     return body
+
+
+def refuse_prompt_logprobs(body: dict[str, Any]) -> None:
+    """A 400 for a request asking for prompt log-probabilities (vLLM's `prompt_logprobs`, or `echo`
+    with `logprobs` on completions): with LoRA adapters enabled, vLLM 0.32's CPU engine fails on them
+    when they are batched with other requests, and a failed engine stops serving every track."""
+    asked = body.get("prompt_logprobs") is not None or (body.get("echo") and body.get("logprobs"))
+    if asked:
+        raise GatewayError(
+            400,
+            "Prompt log-probabilities (`prompt_logprobs`, or `echo` with `logprobs`) are not served "
+            "through this gateway: the serving engine cannot give them for adapters.",
+            param="prompt_logprobs" if body.get("prompt_logprobs") is not None else "echo",
+        )
 
 
 def parse_feedback(body: dict[str, Any]) -> tuple[str, Feedback]:
