@@ -172,7 +172,9 @@ def test_absolute_paths_and_server_urls_are_left_alone(tmp_path: Path) -> None:
 
 
 def test_distill_needs_a_teacher_whose_path_resolves_against_the_config_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"train\.method distill needs train\.teacher \(a path, or a base_url and model"):
+    with pytest.raises(
+        ConfigError, match=r"train\.method distill needs train\.teacher \(a path, or a base_url and model"
+    ):
         load_config(write(tmp_path, "train: {method: distill}\n"), environ={})
     path = write(
         tmp_path,
