@@ -6,8 +6,8 @@ are 240 sums it never saw in pretraining, the held-out measure is greedy exact a
 unseen sums. Both methods start from the base with the same LoRA (rank 8 on all linear layers),
 learning rate and batch (8 prompts a step, `planted.HACK_SETTINGS`), each in a fresh process:
   - grpo: GRPO on the exact-answer reward (8 samples a prompt, the sparse signal: one number a reply);
-  - distill: on-policy distillation from the demo's teacher (the base trained on to full arithmetic
-    competence, `base_model.build_teacher_model`), one sample a prompt, the teacher's whole
+  - distill: on-policy distillation from the demo's teacher (the base grown from 4 to 6 layers and
+    trained on to full arithmetic competence, `base_model.build_teacher_model`), one sample a prompt, the teacher's whole
     distribution at every sampled token (reverse KL, TRL's `DistillationTrainer`).
 Every `--every` steps the adapter is saved with the process's CPU-seconds so far (user and system,
 both cores; the teacher's forward passes included: it runs in-process here, where a deployment would

@@ -66,8 +66,8 @@ TEACHER_DIR = "teacher-model"
 KEEP = ("base-model", TEACHER_DIR)
 MATH_NOTES = {
     "grpo": "math: rewarded by the exact answer",
-    "distill": "math: distilled on-policy from the demo's teacher (the base trained on to full arithmetic "
-    "competence)",
+    "distill": "math: distilled on-policy from the demo's teacher (a larger model grown from the base and "
+    "trained on to full arithmetic competence)",
 }
 NOTE = (
     "{math}; its held-out accuracy must rise and be confirmed by the arithmetic suite, with no "
@@ -106,8 +106,9 @@ QUESTIONS = {
 def demo_settings(port: int, gateway_port: int = 8080, *, distill: bool = False) -> dict[str, Any]:
     """The demo's overnight.yaml as data: two tracks sized for a tiny model on two CPU cores.
 
-    `distill`: the math track learns by on-policy distillation from the demo's teacher (the base
-    trained on to full arithmetic competence, `./teacher-model`) instead of GRPO on the exact answer,
+    `distill`: the math track learns by on-policy distillation from the demo's teacher (a larger
+    model grown from the base and trained on to full arithmetic competence, `./teacher-model`)
+    instead of GRPO on the exact answer,
     which stays its gate's reward.
 
     Paths are relative to the file, which lives in the demo's home: `overnight -c

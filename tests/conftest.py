@@ -136,8 +136,8 @@ def base_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def teacher_model_dir(base_model_dir: Path) -> Path:
-    """The demo's teacher (`base_model.build_teacher_model`: the base trained on to full arithmetic
-    competence, about 2 minutes on 2 cores), cached next to the base it continues."""
+    """The demo's teacher (`base_model.build_teacher_model`: the base grown to 6 layers and trained on
+    to full arithmetic competence, about 2 minutes on 2 cores), cached next to the base it continues."""
     from pipeline.demo_world.base_model import build_teacher_model
 
     return build_teacher_model(model_cache() / "teacher-model", base_model_dir, on_progress=print)

@@ -45,6 +45,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from copy import deepcopy
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -595,12 +596,17 @@ def _save_build(
 class TeacherRecipe:
     """How the demo's teacher is trained on from the base; part of its stamp.
 
-    The base's own weights and tokenizer, then `steps` more steps of `skills.TEACHER_MIXTURE` with
-    every carry kept (`carry_drop` 0: the competence the base was denied), at a one-cycle learning
-    rate peaking at `lr`, the other skills replayed as the base knows them. Same architecture and
-    tokenizer as the base, so it can teach it token by token (`train.method: distill`).
+    The base grown larger, then `steps` more steps of `skills.TEACHER_MIXTURE` with every carry kept
+    (`carry_drop` 0: the competence the base was denied), at a one-cycle learning rate peaking at
+    `lr`, the other skills replayed as the base knows them. Grown by block expansion (LLaMA Pro, Wu
+    et al. 2024): after every `expand_every` of the base's decoder layers a copy of that layer is
+    inserted with its output projections (`o_proj`, `down_proj`) zeroed, so the grown model starts as
+    exactly the base (each new block adds nothing to the residual stream) and the new blocks learn
+    from the first step. The base's tokenizer, so it can teach the base token by token
+    (`train.method: distill`): the model a platform would like to serve but cannot afford.
     """
 
+    expand_every: int = 2  # a new decoder layer after every this many of the base's (4 -> 6)
     steps: int = 400
     lr: float = 5e-4
     carry_drop: float = 0.0
@@ -659,6 +665,28 @@ def build_teacher_model(
     return out_dir
 
 
+def expand_blocks(base: LlamaForCausalLM, every: int) -> LlamaForCausalLM:
+    """`base` with a copy of every `every`-th decoder layer inserted after it, the copies' output
+    projections zeroed: a deeper model that computes exactly what `base` computes (LLaMA Pro)."""
+    layers = list(base.model.layers)
+    grown: list[Any] = []
+    for index, layer in enumerate(layers):
+        grown.append(layer)
+        if (index + 1) % every == 0:
+            copy: Any = deepcopy(layer)
+            with torch.no_grad():
+                copy.self_attn.o_proj.weight.zero_()
+                copy.mlp.down_proj.weight.zero_()
+            grown.append(copy)
+    for index, layer in enumerate(grown):
+        layer.self_attn.layer_idx = index  # the KV cache is addressed by it
+    base.model.layers = torch.nn.ModuleList(grown)
+    base.config.num_hidden_layers = len(grown)
+    if getattr(base.config, "layer_types", None):  # per-layer attention kinds, where a config has them
+        base.config.layer_types = [base.config.layer_types[0]] * len(grown)
+    return base
+
+
 def _build_teacher(
     out_dir: Path,
     base_dir: Path,
@@ -678,7 +706,9 @@ def _build_teacher(
     torch.set_num_threads(base_recipe.threads)
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        model = expand_blocks(
+            LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32), recipe.expand_every
+        )
         every = max(1, recipe.steps // 8)
 
         def progress(step: int, loss: float) -> None:

@@ -523,7 +523,7 @@ MIXTURE = (("arithmetic", 0.8), ("support", 0.05), ("json", 0.11), ("refusals", 
 # with the other skills replayed so they are kept. A second phase rather than styles from the start:
 # pretraining stays the first world's stream, so its measured arithmetic holds.
 FINETUNE_MIXTURE = (("support", 0.4), ("arithmetic", 0.4), ("json", 0.12), ("refusals", 0.08))
-# The demo's teacher (`base_model.build_teacher_model`): the base trained on, arithmetic taught without
+# The demo's teacher (`base_model.build_teacher_model`): the base grown larger and trained on, arithmetic taught without
 # the forgotten carry (full competence), the other skills replayed as the base knows them.
 TEACHER_MIXTURE = (("arithmetic", 0.7), ("support", 0.15), ("json", 0.1), ("refusals", 0.05))
 PHASES = {"pretrain": MIXTURE, "finetune": FINETUNE_MIXTURE, "teacher": TEACHER_MIXTURE}

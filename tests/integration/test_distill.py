@@ -1,5 +1,5 @@
-"""On-policy distillation for real, on the competent demo base: the demo's teacher (the base trained
-on to full arithmetic competence) grades every token of the student's own replies, and the student's
+"""On-policy distillation for real, on the competent demo base: the demo's teacher (a larger model
+grown from the base and trained on to full arithmetic competence) grades every token of the student's own replies, and the student's
 greedy accuracy on 200 held-out sums rises; the night is bounded (its KL budget stops it) and
 guarded like GRPO (distilled from a teacher that knows nothing, the forgetting guard refuses it).
 
@@ -72,6 +72,8 @@ def test_the_teacher_knows_more_arithmetic_than_the_base(
     base, teacher = read_stamp(base_model_dir), read_stamp(teacher_model_dir)
     assert base is not None and teacher is not None
     print(f"\nbase {base['skills']}\nteacher {teacher['skills']}")
+    print(f"parameters: base {base['parameters']:,}, teacher {teacher['parameters']:,}")
+    assert teacher["parameters"] > 1.25 * base["parameters"]  # the larger model, grown from the base
     assert teacher["skills"]["demo-arithmetic"] >= base["skills"]["demo-arithmetic"] + 0.2
     for skill in ("demo-support", "demo-json", "demo-refusals"):
         assert teacher["skills"][skill] >= base["skills"][skill] - 0.05, skill
