@@ -155,7 +155,7 @@ def demo(
         bool,
         typer.Option(
             "--distill",
-            help="The math track learns by on-policy distillation from the demo's teacher (built once, "
+            help="The math track learns by on-policy distillation from the demo's teacher (a larger model, built once, "
             "about 2 minutes) instead of GRPO.",
         ),
     ] = False,
