@@ -542,3 +542,31 @@ def test_a_distillation_night_learns_from_its_teacher_and_goes_through_the_gate(
     assert isinstance(decision, GateDecision) and not decision.skipped  # the same guard as GRPO's
     assert "heldout_gain" in {gate.name for gate in decision.gates}
     assert committed.status in ("promoted", "rejected")
+
+
+def test_a_distillation_night_whose_teacher_is_unreachable_fails_its_train_stage_in_one_line(
+    tmp_path: Path, tiny_model_dir: Path, sqlite_engine: tuple[Engine, str]
+) -> None:
+    from pipeline.deploy.vllm_process import free_port
+    from pipeline.train.teacher import TeacherUnavailable
+
+    url = f"http://127.0.0.1:{free_port()}"
+    world = feedback_world(
+        tmp_path, tiny_model_dir, sqlite_engine,
+        train={"method": "distill", "teacher": {"base_url": url, "model": "big", "max_retries": 1}},
+        reward={"judge": 1.0}, thumbs=[1, -1],
+    )  # fmt: skip
+
+    with pytest.raises(TeacherUnavailable) as caught:
+        run_through(world.open())
+
+    message = str(caught.value)
+    assert (
+        message.startswith(f"teacher big at {url}/v1 failed after 2 attempts: ConnectError")
+        and "\n" not in message
+    )
+    run = ledger.last_runs(world.engine)[TRACK]
+    assert run.status == "failed" and run.summary["error"] == message
+    stages_run = {name: status for name, status, _, _ in ledger.stage_rows(world.engine, run.id)}
+    assert stages_run["train"] == "failed" and "gate" not in stages_run  # nothing trained, nothing gated
+    assert not world.logs.logged(Trained) and not world.registry.versions(TRACK)
