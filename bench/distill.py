@@ -9,6 +9,10 @@ learning rate and batch (8 prompts a step, `planted.HACK_SETTINGS`), each in a f
   - distill: on-policy distillation from the demo's teacher (the base grown from 4 to 6 layers and
     trained on to full arithmetic competence, `base_model.build_teacher_model`), one sample a prompt, the teacher's whole
     distribution at every sampled token (reverse KL, TRL's `DistillationTrainer`).
+  - distill-endpoint: the same teacher served by its own vLLM process (`ServerSpec(enable_lora=False)`)
+    and asked over its OpenAI-compatible API (`train.teacher.base_url`): its log-probability of each
+    sampled token only, the sampled-token estimate of the reverse KL. The student's CPU-seconds
+    exclude the server's, as they would be on another machine; the server's are printed apart.
 Every `--every` steps the adapter is saved with the process's CPU-seconds so far (user and system,
 both cores; the teacher's forward passes included: it runs in-process here, where a deployment would
 serve a bigger one elsewhere) and wall seconds; afterwards each checkpoint's held-out accuracy is
@@ -28,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +45,8 @@ from evals.graders import Sample, as_reward_function  # noqa: E402
 from pipeline.config import TeacherConfig  # noqa: E402
 from pipeline.demo_world import planted  # noqa: E402
 
-METHODS = ("grpo", "distill")
+METHODS = ("grpo", "distill", "distill-endpoint")
+TEACHER_URL_ENV = "BENCH_TEACHER_URL"  # where the parent serves the teacher for distill-endpoint
 TRAIN, HELDOUT = planted.arithmetic_prompts(240, 200)
 EXACT = ArithmeticGrader()
 CACHE = Path(os.environ.get("OVERNIGHT_TEST_CACHE") or ROOT / ".overnight" / "test-cache")
@@ -65,11 +72,16 @@ def train_one(
     from pipeline.train.recipe import save_adapter
     from pipeline.train.stage import RECIPES
 
+    teachers = {
+        "distill": lambda: TeacherConfig(path=str(teacher)),
+        "distill-endpoint": lambda: TeacherConfig(base_url=os.environ[TEACHER_URL_ENV], model="teacher"),
+    }
+    kind = "distill" if method in teachers else method
     settings = planted.HACK_SETTINGS.model_copy(
-        update={"method": method, "max_steps": steps, "max_completion_tokens": 16, "kl_budget": 1e6}
-        | ({"teacher": TeacherConfig(path=str(teacher))} if method == "distill" else {})
+        update={"method": kind, "max_steps": steps, "max_completion_tokens": 16, "kl_budget": 1e6}
+        | ({"teacher": teachers[method]()} if method in teachers else {})
     )
-    recipe = RECIPES[method](
+    recipe = RECIPES[kind](
         settings, base_model=str(base), out_dir=out_dir, champion=None, started=time.perf_counter()
     )
     checkpoints: list[dict[str, Any]] = []
@@ -96,6 +108,37 @@ def train_one(
     finally:
         recipe.cleanup()
     return checkpoints
+
+
+@contextmanager
+def served_teacher(teacher: Path, scratch: Path) -> Iterator[tuple[str, Callable[[], float]]]:
+    """The teacher served by vLLM without LoRA: (its URL, the CPU-seconds its process tree has spent)."""
+    import psutil
+
+    from pipeline.deploy.vllm_process import ServerSpec, VllmServer, free_port
+
+    spec = ServerSpec(model=str(teacher), served_name="teacher", port=free_port(), dtype="float32",
+                      max_model_len=1024, enable_lora=False, log_file=scratch / "teacher-server.log")  # fmt: skip
+    server = VllmServer(spec)
+    server.start(timeout_seconds=600)
+    pid = server.pid
+    assert pid is not None
+
+    def cpu_of_server() -> float:
+        root = psutil.Process(pid)
+        total = 0.0
+        for process in [root, *root.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+        return total
+
+    try:
+        yield server.base_url, cpu_of_server
+    finally:
+        server.stop()
 
 
 def _cpu_seconds() -> float:
@@ -165,12 +208,19 @@ def main() -> None:
     base, teacher = models()
     methods = [m for m in args.methods.split(",") if m]
     curves: dict[str, list[dict[str, Any]]] = {}
+    server_cpu: float | None = None
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as scratch:
         for method in methods:
             result = Path(scratch) / f"{method}.json"
             command = [sys.executable, __file__, "--steps", str(args.steps), "--every", str(args.every)]
             command += ["--child", method, str(Path(scratch) / method), str(result)]
-            subprocess.run(command, check=True, cwd=ROOT)
+            if method == "distill-endpoint":
+                with served_teacher(teacher, Path(scratch)) as (url, cpu_of_server):
+                    before = cpu_of_server()
+                    subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, TEACHER_URL_ENV: url})
+                    server_cpu = cpu_of_server() - before
+            else:
+                subprocess.run(command, check=True, cwd=ROOT)
             curves[method] = json.loads(result.read_text())
         base_accuracy, *_ = accuracy(base, [None])
         for points in curves.values():
@@ -182,18 +232,21 @@ def main() -> None:
     for method, points in curves.items():
         for p in points:
             print(f"| {method} | {p['step']} | {p['cpu']:.1f} | {p['wall']:.1f} | {p['accuracy']:.3f} |")
-    if "grpo" in curves and "distill" in curves:
+    if "grpo" in curves:
         target = max(p["accuracy"] for p in curves["grpo"])
-        grpo, dist = first_reaching(curves["grpo"], target), first_reaching(curves["distill"], target)
+        grpo = first_reaching(curves["grpo"], target)
         print(f"\nbest GRPO accuracy: {target:.3f}")
-        for name, point in (("grpo", grpo), ("distill", dist)):
+        for name, points in curves.items():
+            point = first_reaching(points, target)
             print(
                 f"  {name} first reached it at "
                 + (f"step {point['step']}, {point['cpu']:.1f} CPU-s" if point else "no checkpoint")
             )
-        if grpo and dist:
-            print(f"compute ratio (GRPO / distillation): {grpo['cpu'] / dist['cpu']:.1f}x CPU-seconds, "
-                  f"{grpo['step'] / dist['step']:.1f}x steps")  # fmt: skip
+            if grpo and point and name != "grpo":
+                print(f"  compute ratio (GRPO / {name}): {grpo['cpu'] / point['cpu']:.1f}x CPU-seconds, "
+                      f"{grpo['step'] / point['step']:.1f}x steps")  # fmt: skip
+    if server_cpu is not None:
+        print(f"the teacher's vLLM server spent {server_cpu:.1f} CPU-s during distill-endpoint's training")
         for name, points in curves.items():
             print(
                 f"{name} at the end: {points[-1]['accuracy']:.3f} after {points[-1]['step']} steps, {points[-1]['cpu']:.1f} CPU-s"
