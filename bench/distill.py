@@ -10,8 +10,8 @@ learning rate and batch (8 prompts a step, `planted.HACK_SETTINGS`), each in a f
     trained on to full arithmetic competence, `base_model.build_teacher_model`), one sample a prompt, the teacher's whole
     distribution at every sampled token (reverse KL, TRL's `DistillationTrainer`).
   - distill-endpoint: the same teacher served by its own vLLM process (`ServerSpec(enable_lora=False)`)
-    and asked over its OpenAI-compatible API (`train.teacher.base_url`): its log-probability of each
-    sampled token only, the sampled-token estimate of the reverse KL. The student's CPU-seconds
+    and asked over its OpenAI-compatible API (`train.teacher.base_url`): its log-probabilities of each
+    sampled token and of its 20 likeliest there, the reverse KL on that support (`top_logprobs`). The student's CPU-seconds
     exclude the server's, as they would be on another machine; the server's are printed apart.
 Every `--every` steps the adapter is saved with the process's CPU-seconds so far (user and system,
 both cores; the teacher's forward passes included: it runs in-process here, where a deployment would

@@ -104,6 +104,10 @@ class TeacherConfig(Section):
     api_key: SecretStr | None = None  # sent as a Bearer token; never logged
     timeout_seconds: float = Field(default=60.0, gt=0)  # per request (one request per training step)
     max_retries: int = Field(default=4, ge=0)  # retries with exponential backoff, as the judge's
+    # An endpoint's log-probabilities per reply token: the token sampled and the teacher's `top_logprobs`
+    # likeliest (vLLM's prompt_logprobs; its server gives at most --max-logprobs, 20 by default). The
+    # loss is the reverse KL on that support plus one bucket for the rest; 0: on the sampled token only.
+    top_logprobs: int = Field(default=20, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _one_teacher(self) -> TeacherConfig:

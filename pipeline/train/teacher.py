@@ -2,10 +2,10 @@
 token of the student's replies.
 
 The request is a plain `/v1/completions` call with the reply's token ids as the prompt (prompt then
-reply, exactly as the student sampled them), `max_tokens` 1 and vLLM's `prompt_logprobs` extension:
-the server answers with the log-probability of every given token under the teacher, which is what
-on-policy distillation needs (the per-token reverse KL is estimated on the tokens the student
-sampled). One request carries a whole training step's replies (the completions API takes a list of
+reply, exactly as the student sampled them), `max_tokens` 1 and vLLM's `prompt_logprobs: k`
+extension (`train.teacher.top_logprobs`): the server answers, at every given token, with the
+teacher's log-probability of that token and of its k likeliest there, which is what on-policy
+distillation needs (the reverse KL on the tokens the student visits, `endpoint_distiller`). One request carries a whole training step's replies (the completions API takes a list of
 token-id prompts).
 
 What comes from the `openai` SDK: the HTTP calls, timeouts, retries with exponential backoff and
@@ -91,23 +91,41 @@ class EndpointTeacher:
         Raises `TeacherUnavailable` when the endpoint fails (after its retries) or any asked token comes
         back without a finite log-probability.
         """
+        rows = self.token_distributions(sequences, starts, top=0)
+        return [
+            [
+                distribution[int(token)]
+                for distribution, token in zip(row, sequence[max(start, 1) :], strict=True)
+            ]
+            for row, sequence, start in zip(rows, sequences, starts, strict=True)
+        ]
+
+    def token_distributions(
+        self, sequences: Sequence[Sequence[int]], starts: Sequence[int], *, top: int
+    ) -> list[list[dict[int, float]]]:
+        """Per sequence and reply token, {token id: teacher log-probability} for the token given and the
+        teacher's `top` likeliest at that position (vLLM's `prompt_logprobs: top`).
+
+        Raises `TeacherUnavailable` when the endpoint fails (after its retries), any asked token comes
+        back without a finite log-probability, or any listed one is NaN.
+        """
         if not sequences:
             return []
-        choices = self._score([list(map(int, sequence)) for sequence in sequences])
-        scores: list[list[float]] = []
+        choices = self._score([list(map(int, sequence)) for sequence in sequences], top)
+        rows: list[list[dict[int, float]]] = []
         for index, (sequence, start) in enumerate(zip(sequences, starts, strict=True)):
             entries = choices[index]
-            row: list[float] = []
+            row: list[dict[int, float]] = []
             for position in range(max(start, 1), len(sequence)):
-                value = _logprob_of(entries, position, int(sequence[position]))
-                if value is None:
+                distribution = _distribution(entries, position)
+                if distribution is None or _logprob_of(entries, position, int(sequence[position])) is None:
                     raise TeacherUnavailable(
                         f"{self.where} gave no log-probability for token {position - start} of reply "
                         f"{index}; distillation does not train on missing scores"
                     )
-                row.append(max(value, LOGPROB_FLOOR))
-            scores.append(row)
-        return scores
+                row.append(distribution)
+            rows.append(row)
+        return rows
 
     def probe(self, tokenizer: Any) -> None:
         """Refuse (`TeacherMismatch`) a teacher that is not served, gives no log-probabilities or decodes
@@ -134,13 +152,13 @@ class EndpointTeacher:
         spread = sorted({round(i * (vocabulary - 1) / (PROBE_IDS - 1)) for i in range(PROBE_IDS)})
         sequence = ids + spread
         try:
-            entries = self._score([sequence])[0]
+            entries = self._score([sequence], self.settings.top_logprobs)[0]
         except TeacherUnavailable as error:
             if error.status in (400, 422):  # e.g. an id past the teacher's vocabulary
                 raise TeacherMismatch(
-                    f"{self.where} refused the student's token ids ("
-                    f"{str(error).removeprefix(f'{self.where} answered ')}), so it does not share the "
-                    "student's tokenizer"
+                    f"{self.where} refused the probe ({str(error).removeprefix(f'{self.where} answered ')}): "
+                    "it does not share the student's tokenizer, or gives fewer prompt log-probabilities "
+                    f"than train.teacher.top_logprobs={self.settings.top_logprobs}"
                 ) from None
             raise
         compared = agreed = 0
@@ -174,7 +192,7 @@ class EndpointTeacher:
             raise self._failure(error) from None
         return {model.id: (model.model_extra or {}).get("parent") for model in page.data}
 
-    def _score(self, sequences: list[list[int]]) -> list[Any]:
+    def _score(self, sequences: list[list[int]], top: int = 0) -> list[Any]:
         """The `prompt_logprobs` of each sequence, as the server sent them."""
         try:
             completion = self._client.completions.create(
@@ -182,7 +200,7 @@ class EndpointTeacher:
                 prompt=sequences,
                 max_tokens=1,
                 temperature=0.0,
-                extra_body={"prompt_logprobs": 0},
+                extra_body={"prompt_logprobs": top},
                 extra_headers=self._headers,
             )
         except openai.OpenAIError as error:
@@ -229,6 +247,20 @@ def _entry(entries: list[Any], position: int, token_id: int) -> dict[str, Any] |
         return None
     record = entries[position].get(str(token_id), entries[position].get(token_id))  # type: ignore[call-overload]
     return record if isinstance(record, dict) else None
+
+
+def _distribution(entries: list[Any], position: int) -> dict[int, float] | None:
+    """{token id: log-probability, floored} of every token the server listed at `position`; None when a
+    listed one is not a number (a NaN)."""
+    if position >= len(entries) or not isinstance(entries[position], dict):
+        return None
+    distribution: dict[int, float] = {}
+    for key, record in entries[position].items():
+        value = record.get("logprob") if isinstance(record, dict) else None
+        if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
+            return None
+        distribution[int(key)] = max(float(value), LOGPROB_FLOOR)
+    return distribution
 
 
 def _logprob_of(entries: list[Any], position: int, token_id: int) -> float | None:

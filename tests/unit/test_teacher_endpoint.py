@@ -178,8 +178,9 @@ def test_the_probe_refuses_a_teacher_whose_vocabulary_is_smaller(tiny_model_dir:
     with pytest.raises(TeacherMismatch) as caught:
         teacher(small).probe(AutoTokenizer.from_pretrained(tiny_model_dir))
     assert str(caught.value) == (
-        "teacher big at http://teacher.test:8000/v1 refused the student's token ids (HTTP 400: Token id "
-        "800 is out of vocabulary), so it does not share the student's tokenizer"
+        "teacher big at http://teacher.test:8000/v1 refused the probe (HTTP 400: Token id 800 is out of "
+        "vocabulary): it does not share the student's tokenizer, or gives fewer prompt log-probabilities "
+        "than train.teacher.top_logprobs=20"
     )
 
 
@@ -224,3 +225,36 @@ def test_an_unreachable_teacher_at_start_is_a_warning_not_a_refusal(
         check_teachers(config, ["student"])  # the train stage retries it and fails that night alone
     assert "student: teacher big at http://127.0.0.1:9/v1 failed after 1 attempt:" in caplog.text
     assert "its train stage will try again" in caplog.text
+
+
+def test_the_teacher_lists_its_top_tokens_with_the_sampled_one() -> None:
+    def top_two(request: httpx2.Request) -> httpx2.Response:
+        body = json.loads(request.content)
+        assert body["prompt_logprobs"] == 2
+        entries: list[Any] = [None, {"7": {"logprob": -0.1}, "8": {"logprob": -2.5}, "2": {"logprob": -6.0}}]
+        return completion([choice(0, entries)])
+
+    rows = teacher(top_two).token_distributions([[1, 2]], starts=[1], top=2)
+    assert rows == [[{7: -0.1, 8: -2.5, 2: -6.0}]]  # the sampled token 2 is listed although not in the top 2
+
+
+def test_the_bucketed_reverse_kl_is_exact_on_the_whole_vocabulary_and_zero_where_nothing_is_listed() -> None:
+    import torch
+
+    from pipeline.train.endpoint_distiller import _bucketed_reverse_kl
+
+    torch.manual_seed(0)
+    student = torch.log_softmax(torch.randn(2, 3, 50), -1).requires_grad_()
+    teacher_ = torch.log_softmax(torch.randn(2, 3, 50), -1)
+    listed = torch.ones(2, 3, 50, dtype=torch.bool)
+    listed[1, 2] = False  # a padded position: nothing listed
+    kl = _bucketed_reverse_kl(student, teacher_, listed)
+    exact = (student.exp() * (student - teacher_)).sum(-1)
+    assert torch.allclose(kl[0], exact[0], atol=1e-5) and kl[1, 2].item() == 0.0
+    (kl * torch.tensor([[1.0, 1, 1], [1, 1, 0]])).sum().backward()
+    assert not torch.isnan(student.grad).any()  # type: ignore[arg-type]
+    # On a top-3 support the rest of the mass is one bucket: still a divergence, zero only when equal.
+    top3 = torch.zeros(2, 3, 50, dtype=torch.bool)
+    top3[..., :3] = True
+    assert (_bucketed_reverse_kl(student, teacher_, top3)[0] > 0).all()
+    assert torch.allclose(_bucketed_reverse_kl(teacher_, teacher_, top3), torch.zeros(2, 3), atol=1e-6)
